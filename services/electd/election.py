@@ -1,0 +1,94 @@
+"""Host election and tensor split — pure functions over what every node knows from gossip.
+
+Every node computes the same answer from the same facts, so there is no consensus protocol:
+the highest memory wins, ties go to the highest node id; the model is split in proportion to
+memory; when pooled memory is short of model size × margin, the mesh waits for more peers.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from common.messages import Exclusion, Plan, PlanMember
+
+GB = 1 << 30
+
+
+@dataclass(frozen=True)
+class Candidate:
+    node_id: str
+    memory_bytes: int
+    fingerprint: str | None
+    role: str = "worker"
+    rpc_ready: bool = True
+
+
+def elect_host(candidates: list[Candidate]) -> Candidate:
+    return max(candidates, key=lambda c: (c.memory_bytes, c.node_id))
+
+
+def split_by_memory(memories: list[int]) -> list[float]:
+    """Ratios proportional to memory, rounded to 3 decimals, summing to exactly 1."""
+    total = sum(memories)
+    if total <= 0:
+        return [round(1 / len(memories), 3)] * len(memories)
+    ratios = [round(m / total, 3) for m in memories]
+    ratios[0] = round(1 - sum(ratios[1:]), 3)
+    return ratios
+
+
+def plan_key(host: str, members: list[PlanMember]) -> str:
+    text = host + "|" + ";".join(f"{m.node_id}:{m.ratio:.3f}" for m in members)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fmt_gb(n: int) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, margin: float = 1.1,
+              force_split: bool = False, tensor_split: list[float] | None = None) -> Plan:
+    """The plan for the mesh as this node sees it. `me` is None on a node without a model."""
+    if me is None:
+        return Plan(state="no-model", reason="this node has no model")
+    if me.role == "client":
+        return Plan(state="client", reason="lite client: serves the API through the host")
+
+    eligible, excluded = [me], []
+    for peer in sorted(peers, key=lambda p: p.node_id):
+        if peer.node_id == me.node_id:
+            continue
+        if peer.role == "client":
+            excluded.append(Exclusion(node_id=peer.node_id, reason="lite client"))
+        elif peer.fingerprint != me.fingerprint:
+            excluded.append(Exclusion(node_id=peer.node_id, reason="holds a different model"))
+        elif not peer.rpc_ready:
+            excluded.append(Exclusion(node_id=peer.node_id, reason="rpc-server not ready"))
+        else:
+            eligible.append(peer)
+
+    needed = int(model_size * margin)
+    host = elect_host(eligible)
+    if host.memory_bytes >= needed and (not force_split or len(eligible) == 1):
+        members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0)]
+        return Plan(state="solo", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
+                    available_bytes=host.memory_bytes, key=plan_key(host.node_id, members),
+                    reason=f"elected {host.node_id[:8]} ({fmt_gb(host.memory_bytes)} for a {fmt_gb(model_size)} model)")
+
+    ordered = sorted(eligible, key=lambda c: (c.memory_bytes, c.node_id), reverse=True)  # host first
+    available = sum(c.memory_bytes for c in ordered)
+    if available < needed:
+        return Plan(state="waiting", host=host.node_id, excluded=excluded, needed_bytes=needed, available_bytes=available,
+                    reason=f"waiting for more peers — need {fmt_gb(needed)} for the model, have {fmt_gb(available)}")
+    ratios = split_by_memory([c.memory_bytes for c in ordered])
+    reason = f"split over {len(ordered)} nodes by memory"
+    if tensor_split:
+        if len(tensor_split) == len(ordered):
+            total = sum(tensor_split)
+            ratios = [round(r / total, 3) for r in tensor_split]
+            reason = f"split over {len(ordered)} nodes by --tensor-split"
+        else:
+            reason += f" (--tensor-split has {len(tensor_split)} ratios for {len(ordered)} nodes; ignored)"
+    members = [PlanMember(node_id=c.node_id, memory_bytes=c.memory_bytes, ratio=r) for c, r in zip(ordered, ratios)]
+    return Plan(state="split", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
+                available_bytes=available, key=plan_key(host.node_id, members), reason=reason)

@@ -1,0 +1,102 @@
+"""electd: turns what meshd and runnerd know into the plan (host, members, split).
+
+The decision itself is `election.make_plan`; this loop feeds it and holds a changed plan back
+until membership has been stable for `settle_delay`, so a burst of joins restarts llama-server once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from common.bus import ServiceBus
+from common.logs import setup_logging
+from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
+from common.settings import Settings, load_settings
+from services.electd.election import Candidate, make_plan
+
+log = logging.getLogger("electd")
+
+
+class Electd:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bus = ServiceBus(settings.home, "electd", listens_to=("meshd", "runnerd"))
+        self.mesh: MeshState | None = None
+        self.runner: RunnerState | None = None
+        self.plan = Plan(state="starting", reason="waiting for runnerd and meshd")
+        self._pending: Plan | None = None
+        self._pending_since = 0.0
+
+    def current_state(self) -> Plan:
+        return self.plan
+
+    def on_mesh(self, state: MeshState) -> None:
+        self.mesh = state
+        self.reconsider()
+
+    def on_runner(self, state: RunnerState) -> None:
+        self.runner = state
+        self.reconsider()
+
+    def candidate_plan(self) -> Plan | None:
+        if self.runner is None or self.mesh is None or not self.mesh.node_id:
+            return None
+        model = self.runner.model
+        if model is None:
+            return Plan(state="no-model", reason=self.runner.error or self.runner.status or "no model loaded yet")
+        me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint)
+        peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
+                           p.announcement.role, p.announcement.rpc_ready)
+                 for p in self.mesh.peers if p.connected]
+        return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,
+                         force_split=self.settings.split, tensor_split=self.settings.tensor_split)
+
+    def reconsider(self) -> None:
+        candidate = self.candidate_plan()
+        if candidate is None:
+            return
+        if (candidate.state, candidate.key) == (self.plan.state, self.plan.key):
+            self._pending = None
+            if candidate != self.plan:  # same serving set; details such as exclusions changed
+                self.plan = candidate
+                self.bus.state_changed()
+            return
+        if self._pending is None or (self._pending.state, self._pending.key) != (candidate.state, candidate.key):
+            self._pending, self._pending_since = candidate, time.monotonic()
+        else:
+            self._pending = candidate
+
+    async def settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            self.reconsider()
+            if self._pending and time.monotonic() - self._pending_since >= self.settings.settle_delay:
+                if (self._pending.state, self._pending.key) != (self.plan.state, self.plan.key):
+                    log.info("plan: %s — %s", self._pending.state, self._pending.reason)
+                self.plan, self._pending = self._pending, None
+                self.bus.state_changed()
+
+    def on_status(self, _: StatusRequest) -> Reply:
+        return Reply(ok=True, data=self.plan.model_dump())
+
+    async def serve(self) -> None:
+        await asyncio.gather(
+            self.bus.publish_forever(self.current_state),
+            self.bus.receive_forever({MeshState: self.on_mesh, RunnerState: self.on_runner}),
+            self.bus.serve_control_forever({StatusRequest: self.on_status}),
+            self.settle_forever(),
+        )
+
+
+def main() -> None:
+    settings = load_settings()
+    log = setup_logging(settings.home, "electd", settings.log_level)
+    if settings.client:
+        log.info("lite client: electd has nothing to do")
+        return  # exit 0: supervisord leaves it stopped
+    asyncio.run(Electd(settings).serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""gatewayd: the :9337 API and the data-plane tunnels of this node.
+
+On the host it opens one loopback port per remote worker that carries llama.cpp RPC to that
+worker's ggml-rpc-server; on every other node it opens one loopback port that carries HTTP to the
+host's llama-server, and points the API there. Tunnels only serve mesh members.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+
+import uvicorn
+
+from common.addresses import advertised_addresses
+from common.bus import ServiceBus
+from common.identity import NodeIdentity
+from common.logs import setup_logging
+from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
+from common.settings import Settings, load_settings
+from services.gatewayd.api import Upstream, build_app
+from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
+
+log = logging.getLogger("gatewayd")
+
+
+class Gatewayd:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bus = ServiceBus(settings.home, "gatewayd", listens_to=("meshd", "electd", "runnerd"))
+        self.identity = NodeIdentity.load_or_create(settings.home)
+        self.mesh = MeshState()
+        self.plan = Plan()
+        self.runner = RunnerState()
+        self.state = GatewayState(api_url=f"http://{settings.api_bind_host}:{settings.port}/v1")
+        self.upstream = Upstream()
+        self.counters = {"served": 0, "failed": 0}
+        self.tunnels = TunnelService(self.identity, is_member=self.is_member, local_target=self.local_target,
+                                     bind_host=settings.bind_host, tcp_port=settings.data_port,
+                                     quic_port=settings.data_port)
+        self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
+        self._changed = asyncio.Event()
+
+    # --- facts from the bus ------------------------------------------------------------------------
+
+    def on_mesh(self, state: MeshState) -> None:
+        self.mesh = state
+        self._changed.set()
+
+    def on_plan(self, plan: Plan) -> None:
+        self.plan = plan
+        self._changed.set()
+
+    def on_runner(self, state: RunnerState) -> None:
+        self.runner = state
+        self._changed.set()
+
+    def is_member(self, node_id: str) -> bool:
+        return any(p.announcement.node_id == node_id for p in self.mesh.peers)
+
+    def local_target(self, kind: str) -> tuple[str, int] | None:
+        child = {"rpc": self.runner.rpc, "http": self.runner.llama}.get(kind)
+        if child is None or child.state != "ready" or not child.port:
+            return None
+        return ("127.0.0.1", child.port)
+
+    def current_state(self) -> GatewayState:
+        stats = self.tunnels.stats()
+        tunnels = [TunnelStats(node_id=node_id, lane=s.get("lane", ""), bytes_in=s.get("bytes_in", 0),
+                               bytes_out=s.get("bytes_out", 0), streams=s.get("open_streams", 0),
+                               last_error=s.get("last_error") or "") for node_id, s in stats.items()]
+        return self.state.model_copy(update={
+            "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"]})
+
+    # --- tunnels and upstream --------------------------------------------------------------------
+
+    def peer(self, node_id: str) -> PeerView | None:
+        return next((p for p in self.mesh.peers if p.announcement.node_id == node_id and p.connected), None)
+
+    def choose_host(self) -> PeerView | None:
+        """The peer whose llama-server we should use: prefer one serving our own model, then the largest."""
+        mine = self.runner.model.fingerprint if self.runner.model else None
+        hosts = [p for p in self.mesh.peers if p.connected and p.announcement.host_ready]
+        if not hosts:
+            return None
+        return max(hosts, key=lambda p: (p.announcement.model_fingerprint == mine, p.announcement.memory_bytes,
+                                         p.announcement.node_id))
+
+    async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
+        key = (peer.announcement.node_id, kind)
+        if key not in self.forwards:
+            addrs = PeerDataAddrs(node_id=peer.announcement.node_id, tcp=list(peer.announcement.data_tcp),
+                                  quic=list(peer.announcement.data_quic))
+            try:
+                self.forwards[key] = await self.tunnels.open_forward(addrs, kind)
+                log.info("tunnel %s → %s (%s) on 127.0.0.1:%d", kind, key[0][:8], kind, self.forwards[key])
+            except Exception as exc:
+                log.warning("cannot open %s tunnel to %s: %s", kind, key[0][:8], exc)
+                return None
+        return self.forwards[key]
+
+    async def close_unwanted(self, wanted: set[tuple[str, str]]) -> None:
+        for key in [k for k in self.forwards if k not in wanted]:
+            port = self.forwards.pop(key)
+            await self.tunnels.close_forward(port)
+            log.info("closed %s tunnel to %s", key[1], key[0][:8])
+
+    async def reconcile(self) -> None:
+        wanted: set[tuple[str, str]] = set()
+        rpc_forwards: dict[str, int] = {}
+        me = self.mesh.node_id
+        if self.plan.state == "split" and self.plan.host == me:
+            for member in self.plan.members:
+                peer = self.peer(member.node_id) if member.node_id != me else None
+                if peer and (port := await self.ensure_forward(peer, "rpc")):
+                    wanted.add((member.node_id, "rpc"))
+                    rpc_forwards[member.node_id] = port
+        local = self.local_target("http")
+        if local:
+            self.upstream.set(local[1], "local")
+        elif (host := self.choose_host()) and (port := await self.ensure_forward(host, "http")):
+            wanted.add((host.announcement.node_id, "http"))
+            self.upstream.set(port, host.announcement.node_id)
+        else:
+            self.upstream.set(None, "")
+        await self.close_unwanted(wanted)
+        upstream = "local" if local else self.upstream.label
+        if rpc_forwards != self.state.rpc_forwards or upstream != self.state.upstream:
+            self.state = self.state.model_copy(update={"rpc_forwards": rpc_forwards, "upstream": upstream})
+            self.bus.state_changed()
+
+    async def reconcile_forever(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconcile failed")
+            await asyncio.sleep(0.05)
+
+    # --- status ------------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        return {"mesh": self.mesh.model_dump(), "plan": self.plan.model_dump(), "runner": self.runner.model_dump(),
+                "gateway": self.current_state().model_dump()}
+
+    def metrics(self) -> str:
+        lines = ["# TYPE mesh_tunnel_bytes_total counter"]
+        for t in self.current_state().tunnels:
+            lines.append(f'mesh_tunnel_bytes_total{{peer="{t.node_id}",direction="in",lane="{t.lane}"}} {t.bytes_in}')
+            lines.append(f'mesh_tunnel_bytes_total{{peer="{t.node_id}",direction="out",lane="{t.lane}"}} {t.bytes_out}')
+        lines += ["# TYPE mesh_requests_total counter",
+                  f'mesh_requests_total{{result="served"}} {self.counters["served"]}',
+                  f'mesh_requests_total{{result="failed"}} {self.counters["failed"]}',
+                  "# TYPE mesh_peers gauge", f"mesh_peers {sum(p.connected for p in self.mesh.peers)}"]
+        return "\n".join(lines) + "\n"
+
+    def on_status(self, _: StatusRequest) -> Reply:
+        return Reply(ok=True, data=self.current_state().model_dump())
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    def api_socket(self) -> socket.socket | None:
+        """Bind the API port ourselves so a clash is one clear line in state and log, not a crash loop."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.settings.api_bind_host, self.settings.port))
+        except OSError as exc:
+            sock.close()
+            reason = (f"API port {self.settings.port} on {self.settings.api_bind_host} is unavailable ({exc.strerror}); "
+                      f"stop whatever uses it or pass --port")
+            log.error("%s", reason)
+            self.state = self.state.model_copy(update={"error": reason})
+            return None
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
+    async def serve(self) -> None:
+        if self.settings.listen_all and not self.settings.api_key:
+            reason = "--listen-all exposes the API to the network and needs --api-key (or MESH_API_KEY)"
+            log.error("%s", reason)
+            self.state = self.state.model_copy(update={"error": reason})
+        tcp, quic = await self.tunnels.start()
+        self.state = self.state.model_copy(update={
+            "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, None)],
+            "data_quic": [a for h, p in quic for a in advertised_addresses(h, p, None)]})
+        log.info("data tunnels: tcp %s, quic %s", self.state.data_tcp, self.state.data_quic)
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        tasks = [
+            asyncio.ensure_future(self.bus.publish_forever(self.current_state)),
+            asyncio.ensure_future(self.bus.receive_forever(
+                {MeshState: self.on_mesh, Plan: self.on_plan, RunnerState: self.on_runner})),
+            asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
+            asyncio.ensure_future(self.reconcile_forever()),
+        ]
+        server = None
+        sock = None if self.state.error else self.api_socket()
+        if sock:
+            app = build_app(self.upstream, wait_for_host=self.settings.wait_for_host, api_key=self.settings.api_key,
+                            status=self.status, metrics=self.metrics, counters=self.counters)
+            config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+            server = uvicorn.Server(config)
+            server.install_signal_handlers = lambda: None  # we own SIGTERM
+            tasks.append(asyncio.ensure_future(server.serve(sockets=[sock])))
+            log.info("API on http://%s:%d/v1", self.settings.api_bind_host, self.settings.port)
+        await stopping.wait()
+        if server:
+            server.should_exit = True
+            await asyncio.sleep(0.2)
+        for task in tasks:
+            task.cancel()
+        await self.tunnels.close()
+        self.bus.close()
+
+
+def main() -> None:
+    settings = load_settings()
+    setup_logging(settings.home, "gatewayd", settings.log_level)
+    asyncio.run(Gatewayd(settings).serve())
+
+
+if __name__ == "__main__":
+    main()

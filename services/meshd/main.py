@@ -1,0 +1,365 @@
+"""meshd: this node's identity, admission and gossip over QUIC.
+
+One aioquic endpoint accepts and dials. A dialer gets in only by proving it holds the mesh secret
+(from an invite token) over the server's fresh nonce; the server's certificate is pinned to its
+node id. Once in, nodes gossip their announcements on a control stream and keep a direct
+connection to every other node (the host needs one to each worker anyway), so liveness is simply
+"we hold a live connection": a dead peer is noticed within ~10 s.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from common.addresses import advertised_addresses
+from common.bus import ServiceBus
+from common.frames import FrameError, read_frame, send_frame
+from common.identity import AuthError, NodeIdentity
+from common.logs import setup_logging
+from common.messages import (Announcement, GatewayState, JoinRequest, MeshState, PeerView, Plan, Reply, RunnerState,
+                             StatusRequest, TokenRequest)
+from common.quic import QuicEndpoint, QuicPeerConnection
+from common.settings import Settings, load_settings
+from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
+                           new_mesh_id, new_secret)
+from services.meshd.gossip import DEAD_AFTER_S, forget_stale, merge_view
+
+log = logging.getLogger("meshd")
+ALPN = "mesh-inference/1"
+GOSSIP_INTERVAL_S = 1.0
+DIAL_BACKOFF_S = (1, 2, 5, 10, 20)
+MAX_GOSSIP_FRAME = 1 << 20
+
+try:
+    VERSION = version("mesh-inference")
+except PackageNotFoundError:
+    VERSION = "dev"
+
+
+@dataclass
+class MeshSecret:
+    """Persisted in MESH_HOME/mesh.json: which mesh we belong to and the secret that admits to it."""
+    mesh_id: str
+    secret: str
+    generation: int = 0  # bumped by `meshctl token --rotate`; the highest generation wins in gossip
+    known: dict[str, list[list]] = field(default_factory=dict)  # node id -> mesh addrs, to rejoin after a restart
+
+
+@dataclass
+class Link:
+    conn: QuicPeerConnection
+    writer: object
+    last_heard: float
+
+
+class Meshd:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bus = ServiceBus(settings.home, "meshd", listens_to=("runnerd", "gatewayd", "electd"))
+        self.identity = NodeIdentity.load_or_create(settings.home)
+        self.me_id = self.identity.node_id
+        self.secret = self.load_secret()
+        self.endpoint = QuicEndpoint(self.identity, alpn=ALPN, host=settings.bind_host, port=settings.bind_port,
+                                     authorize=self.authorize, on_connection=self.on_inbound)
+        self.links: dict[str, list[Link]] = {}
+        self.view: dict[str, Announcement] = {}
+        self.last_heard: dict[str, float] = {}
+        self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
+        self.errors: list[str] = []
+        self.listen: list[tuple[str, int]] = []
+        self.runner = RunnerState()
+        self.gateway = GatewayState()
+        self.plan = Plan()
+        self.seq = time.time_ns()
+        self._my_announcement: Announcement | None = None
+
+    # --- persistent mesh secret --------------------------------------------------------------------
+
+    def load_secret(self) -> MeshSecret:
+        path = self.settings.home / "mesh.json"
+        if path.exists():
+            try:
+                return MeshSecret(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as exc:
+                log.warning("ignoring unreadable %s (%s); starting a new mesh", path, exc)
+        secret = MeshSecret(mesh_id=new_mesh_id(), secret=new_secret())
+        self.save_secret(secret)
+        return secret
+
+    def save_secret(self, secret: MeshSecret | None = None) -> None:
+        secret = secret or self.secret
+        path = self.settings.home / "mesh.json"
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(secret.__dict__, f)
+        os.replace(tmp, path)
+
+    def token(self) -> str:
+        return encode_token(InviteToken(self.secret.mesh_id, self.secret.secret, self.me_id, tuple(self.listen)))
+
+    # --- admission -------------------------------------------------------------------------------
+
+    def authorize(self, node_id: str, claims: dict, nonce: bytes) -> str | None:
+        if claims.get("mesh") != self.secret.mesh_id:
+            return "not a member of this mesh (different mesh id); ask a member for a token with `meshctl token`"
+        if not check_admission(self.secret.secret, nonce, node_id, self.me_id, claims.get("proof")):
+            return "wrong or rotated mesh secret; ask a member for a new token with `meshctl token`"
+        return None
+
+    def claims_for(self, secret: MeshSecret):
+        return lambda nonce, server_id: {"mesh": secret.mesh_id,
+                                         "proof": admission_proof(secret.secret, nonce, self.me_id, server_id)}
+
+    # --- connections -------------------------------------------------------------------------------
+
+    async def on_inbound(self, conn: QuicPeerConnection) -> None:
+        conn.on_stream = lambda reader, writer: self.run_link(conn, reader, writer)
+
+    async def dial(self, node_id: str | None, addrs: list, secret: MeshSecret) -> QuicPeerConnection:
+        """Try each address in turn; the first that authenticates wins."""
+        last_error: Exception | None = None
+        for addr in addrs:
+            try:
+                conn = await self.endpoint.dial(tuple(addr), expected_node_id=node_id, claims_for=self.claims_for(secret),
+                                                timeout=5.0)
+            except AuthError:
+                raise  # the peer answered and refused: other addresses reach the same peer
+            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+                last_error = exc
+                continue
+            reader, writer = await conn.open_stream()
+            asyncio.ensure_future(self.run_link(conn, reader, writer))
+            return conn
+        raise ConnectionError(f"no address answered ({', '.join(f'{h}:{p}' for h, p in addrs)}): "
+                              f"{type(last_error).__name__ if last_error else 'no addresses'}")
+
+    async def run_link(self, conn: QuicPeerConnection, reader, writer) -> None:
+        """One control stream: gossip both ways until it goes quiet or the peer leaves."""
+        peer_id = conn.peer_node_id
+        link = Link(conn, writer, time.monotonic())
+        self.links.setdefault(peer_id, []).append(link)
+        self.dial_failures.pop(peer_id, None)
+        log.info("connected to %s (%s, %s)", peer_id[:8], "dialed" if conn.dialed else "accepted", conn.remote_address)
+        self.bus.state_changed()
+        try:
+            await self.send_gossip(link)
+            while True:
+                frame = await asyncio.wait_for(read_frame(reader, MAX_GOSSIP_FRAME), DEAD_AFTER_S)
+                link.last_heard = time.monotonic()
+                self.last_heard[peer_id] = time.time()
+                if frame.get("t") == "leave":
+                    log.info("%s left the mesh", peer_id[:8])
+                    self.view.pop(peer_id, None)
+                    break
+                if frame.get("t") == "gossip":
+                    self.on_gossip(peer_id, frame)
+        except asyncio.TimeoutError:
+            log.warning("%s went quiet for %.0f s; dropping it", peer_id[:8], DEAD_AFTER_S)
+        except (FrameError, ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
+            log.info("link to %s closed: %s", peer_id[:8], exc or type(exc).__name__)
+        except Exception:
+            log.exception("link to %s failed", peer_id[:8])
+        finally:
+            links = self.links.get(peer_id, [])
+            if link in links:
+                links.remove(link)
+            if not links:
+                self.links.pop(peer_id, None)
+            await conn.close()
+            self.bus.state_changed()
+
+    def on_gossip(self, peer_id: str, frame: dict) -> None:
+        try:
+            incoming = [Announcement.model_validate(a) for a in frame.get("anns", [])[:1024]]
+        except Exception as exc:
+            log.warning("malformed gossip from %s ignored: %s", peer_id[:8], str(exc).splitlines()[0])
+            return
+        incoming = [a for a in incoming if a.node_id != peer_id] + [a for a in incoming if a.node_id == peer_id]
+        if not any(a.node_id == peer_id for a in incoming):
+            return
+        self.view, changed = merge_view(self.view, incoming, self.me_id)
+        secret = frame.get("secret")
+        if isinstance(secret, dict) and secret.get("mesh") == self.secret.mesh_id \
+                and isinstance(secret.get("gen"), int) and secret["gen"] > self.secret.generation \
+                and isinstance(secret.get("secret"), str) and len(secret["secret"]) == 64:
+            log.info("mesh secret rotated by a member (generation %d)", secret["gen"])
+            self.secret.secret, self.secret.generation = secret["secret"], secret["gen"]
+            self.save_secret()
+            changed = True
+        if changed:
+            self.bus.state_changed()
+
+    def announcement(self) -> Announcement:
+        model = self.runner.model
+        fields = dict(
+            node_id=self.me_id, role="client" if self.settings.client else "worker", version=VERSION,
+            memory_bytes=self.runner.memory_bytes, model_name=model.name if model else None,
+            model_fingerprint=model.fingerprint if model else None, model_size=model.size_bytes if model else 0,
+            rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
+            data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
+            plan_key=self.runner.llama_plan_key)
+        if self._my_announcement is None or self._my_announcement.model_dump(exclude={"seq", "kind"}) != fields:
+            self.seq = max(self.seq + 1, time.time_ns())
+            self._my_announcement = Announcement(seq=self.seq, **fields)
+        return self._my_announcement
+
+    async def send_gossip(self, link: Link) -> None:
+        frame = {"t": "gossip", "anns": [self.announcement().model_dump(mode="json")] +
+                 [a.model_dump(mode="json") for a in self.view.values()],
+                 "secret": {"mesh": self.secret.mesh_id, "gen": self.secret.generation, "secret": self.secret.secret}}
+        await asyncio.wait_for(send_frame(link.writer, frame), 5.0)
+
+    async def gossip_forever(self) -> None:
+        while True:
+            await asyncio.sleep(GOSSIP_INTERVAL_S)
+            for links in list(self.links.values()):
+                for link in list(links):
+                    try:
+                        await self.send_gossip(link)
+                    except Exception as exc:
+                        log.info("gossip to %s failed: %s", link.conn.peer_node_id[:8], type(exc).__name__)
+                        await link.conn.close()
+
+    async def connect_forever(self) -> None:
+        """Keep a direct connection to every node we know of (from gossip or from before a restart)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time())
+            targets = {nid: a.mesh_addrs for nid, a in self.view.items()}
+            for nid, addrs in self.secret.known.items():
+                targets.setdefault(nid, addrs)
+            now = time.monotonic()
+            for node_id, addrs in targets.items():
+                if node_id == self.me_id or node_id in self.links or not addrs:
+                    continue
+                failures, next_try = self.dial_failures.get(node_id, (0, 0.0))
+                if now < next_try:
+                    continue
+                # Both ends would dial each other at once; let the lower id dial, the other waits a little longer.
+                if failures == 0 and node_id < self.me_id and node_id in self.view:
+                    self.dial_failures[node_id] = (1, now + 3.0)
+                    continue
+                try:
+                    await self.dial(node_id, addrs, self.secret)
+                except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                    delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
+                    self.dial_failures[node_id] = (failures + 1, now + delay)
+                    log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
+
+    async def join(self, text: str) -> Reply:
+        try:
+            token = decode_token(text)
+        except TokenError as exc:
+            return self.join_failed(str(exc))
+        if token.node_id == self.me_id:
+            return self.join_failed("that token was printed by this node itself; use it on another machine")
+        candidate = MeshSecret(mesh_id=token.mesh_id, secret=token.secret, generation=0, known=dict(self.secret.known))
+        try:
+            await self.dial(token.node_id, list(token.addrs), candidate)
+        except AuthError as exc:
+            return self.join_failed(f"the mesh refused this node: {exc.reason}")
+        except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            return self.join_failed(f"cannot reach the inviting node: {exc}; check the address and that UDP is allowed")
+        if candidate.mesh_id != self.secret.mesh_id or candidate.secret != self.secret.secret:
+            candidate.generation = self.secret.generation if candidate.mesh_id == self.secret.mesh_id else 0
+            self.secret = candidate
+        self.secret.known[token.node_id] = [list(a) for a in token.addrs]
+        self.save_secret()
+        log.info("joined mesh %s through %s", token.mesh_id, token.node_id[:8])
+        self.errors = [e for e in self.errors if not e.startswith("join:")]
+        self.bus.state_changed()
+        return Reply(ok=True, data={"mesh_id": token.mesh_id, "via": token.node_id})
+
+    def join_failed(self, reason: str) -> Reply:
+        log.error("join failed: %s", reason)
+        self.errors = [e for e in self.errors if not e.startswith("join:")][-4:] + [f"join: {reason}"]
+        self.bus.state_changed()
+        return Reply(ok=False, error=reason)
+
+    def on_token(self, request: TokenRequest) -> Reply:
+        if request.rotate:
+            self.secret.secret, self.secret.generation = new_secret(), self.secret.generation + 1
+            self.save_secret()
+            log.info("mesh secret rotated (generation %d): old tokens no longer admit new nodes", self.secret.generation)
+            self.bus.state_changed()
+        return Reply(ok=True, data={"token": self.token()})
+
+    # --- bus ---------------------------------------------------------------------------------------
+
+    def current_state(self) -> MeshState:
+        peers = []
+        now = time.time()
+        for node_id, ann in sorted(self.view.items()):
+            links = self.links.get(node_id, [])
+            rtt = next((l.conn.rtt() for l in links if l.conn.rtt() is not None), None)
+            failures, _ = self.dial_failures.get(node_id, (0, 0.0))
+            status = "connected" if links else (f"unreachable ({failures} failed dials)" if failures else "connecting")
+            peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
+                                  last_heard=self.last_heard.get(node_id, 0.0), status=status))
+        return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, token=self.token(), listen=self.listen,
+                         me=self.announcement(), peers=peers, errors=self.errors)
+
+    def on_runner(self, state: RunnerState) -> None:
+        self.runner = state
+        self.bus.state_changed()
+
+    def on_gateway(self, state: GatewayState) -> None:
+        self.gateway = state
+        self.bus.state_changed()
+
+    def on_plan(self, plan: Plan) -> None:
+        self.plan = plan
+
+    def on_status(self, _: StatusRequest) -> Reply:
+        return Reply(ok=True, data=self.current_state().model_dump())
+
+    async def serve(self) -> None:
+        host, port = await self.endpoint.start()
+        self.listen = advertised_addresses(host, port, self.settings.advertise)
+        log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
+        log.info("Invite token: %s", self.token())
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        tasks = [asyncio.ensure_future(t) for t in (
+            self.bus.publish_forever(self.current_state),
+            self.bus.receive_forever({RunnerState: self.on_runner, GatewayState: self.on_gateway, Plan: self.on_plan}),
+            self.bus.serve_control_forever({StatusRequest: self.on_status, JoinRequest: lambda r: self.join(r.token),
+                                            TokenRequest: self.on_token}),
+            self.gossip_forever(), self.connect_forever())]
+        for token in self.settings.join:
+            asyncio.ensure_future(self.join(token))
+        await stopping.wait()
+        await self.leave(tasks)
+
+    async def leave(self, tasks: list[asyncio.Future]) -> None:
+        """Tell every peer we are going, so they re-plan now instead of after a timeout."""
+        for task in tasks:
+            task.cancel()
+        for links in list(self.links.values()):
+            for link in links:
+                try:
+                    await asyncio.wait_for(send_frame(link.writer, {"t": "leave"}), 1.0)
+                except Exception:
+                    pass
+        await asyncio.sleep(0.1)
+        await self.endpoint.close()
+        self.bus.close()
+
+
+def main() -> None:
+    settings = load_settings()
+    setup_logging(settings.home, "meshd", settings.log_level)
+    asyncio.run(Meshd(settings).serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Command lines for llama.cpp's processes — pure functions of the plan, so they are testable alone."""
+from __future__ import annotations
+
+from common.binaries import Binaries
+from common.messages import ModelInfo, Plan
+
+
+class NotReady(Exception):
+    """The plan needs something that is not there yet (e.g. a tunnel); the message says what."""
+
+
+def rpc_server_args(binaries: Binaries, port: int, model: ModelInfo, *, device: str | None,
+                    threads: int | None) -> list[str]:
+    args = [str(binaries.rpc_server), "--host", "127.0.0.1", "--port", str(port)]
+    if device:
+        args += ["--device", device]
+    if threads:
+        args += ["--threads", str(threads)]
+    if binaries.loads_local_weights:
+        args += ["--gguf", model.path]
+    return args
+
+
+def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Plan, me: str,
+                      rpc_forwards: dict[str, int], *, backend: str, ctx_size: int,
+                      threads: int | None) -> list[str]:
+    """llama-server for this node as host of `plan`. Remote members are reached through the
+    gateway's loopback forwards; the host uses its own device directly, not its own rpc-server."""
+    args = [str(binaries.llama_server), "--model", model.path, "--host", "127.0.0.1", "--port", str(port),
+            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name]
+    if threads:
+        args += ["--threads", str(threads)]
+    remote = [m for m in plan.members if m.node_id != me]
+    if not remote:
+        return args + ["--n-gpu-layers", "999"]
+    missing = [m.node_id[:8] for m in remote if m.node_id not in rpc_forwards]
+    if missing:
+        raise NotReady(f"waiting for tunnels to {', '.join(missing)}")
+    args += ["--rpc", ",".join(f"127.0.0.1:{rpc_forwards[m.node_id]}" for m in remote)]
+    my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
+    remote_total = sum(m.ratio for m in remote) or 1.0
+    if backend == "cpu":
+        # A CPU host has no device of its own to offload to: its share is the layers it keeps.
+        kept = round(my_ratio * model.n_layers)
+        args += ["--n-gpu-layers", str(max(model.n_layers - kept, 1)),
+                 "--tensor-split", ",".join(f"{m.ratio / remote_total:.3f}" for m in remote)]
+    else:
+        # Local GPU first, then the RPC devices in --rpc order.
+        args += ["--n-gpu-layers", "999",
+                 "--tensor-split", ",".join(f"{r:.3f}" for r in [my_ratio] + [m.ratio for m in remote])]
+    return args

@@ -1,0 +1,265 @@
+"""runnerd: owns the llama.cpp processes of this node.
+
+It measures memory, inspects the GGUF, keeps `ggml-rpc-server` running on loopback whenever a
+model is set, and runs `llama-server` when the plan makes this node host — restarting it when the
+plan's serving set changes, and only then. Children that die are restarted; bad input (a missing
+model, missing binaries) is reported in its state and log, and runnerd stays up to say so.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import httpx
+
+from common import addresses
+from common.binaries import Binaries, BinariesError, find_binaries
+from common.bus import ServiceBus
+from common.default_model import ensure_default_model
+from common.gguf_info import ModelError, inspect_gguf
+from common.logs import setup_logging
+from common.messages import ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest
+from common.settings import Settings, load_settings
+from services.runnerd.children import Child, free_loopback_port
+from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
+from services.runnerd.memory import detect_memory
+
+log = logging.getLogger("runnerd")
+RESTART_BACKOFF_S = (1, 2, 5, 10)
+
+
+class Runnerd:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.bus = ServiceBus(settings.home, "runnerd", listens_to=("electd", "gatewayd", "meshd"))
+        self.state = RunnerState(status="starting")
+        self.binaries: Binaries | None = None
+        self.plan = Plan()
+        self.gateway = GatewayState()
+        self.node_id = ""
+        self.rpc: Child | None = None
+        self.llama: Child | None = None
+        self.llama_spec: list[str] | None = None  # the command it runs, with port 0
+        self._plan_changed = asyncio.Event()
+
+    def current_state(self) -> RunnerState:
+        return self.state
+
+    def update(self, **changes) -> None:
+        self.state = self.state.model_copy(update=changes)
+        self.bus.state_changed()
+
+    def fail(self, reason: str) -> None:
+        log.error("%s", reason)
+        self.update(error=reason, status="error")
+
+    # --- set-up --------------------------------------------------------------------------------
+
+    async def prepare(self) -> bool:
+        memory, source = detect_memory(self.settings.max_vram, self.settings.device)
+        self.update(memory_bytes=memory, memory_source=source, status="preparing")
+        log.info("memory offered: %.1f GB (%s)", memory / (1 << 30), source)
+        try:
+            model_path = self.settings.model
+            if model_path is None:
+                self.update(status="fetching the default model")
+                model_path = await asyncio.to_thread(ensure_default_model)
+            model = await asyncio.to_thread(inspect_gguf, model_path, self.settings.home / "cache")
+            self.update(status="preparing llama.cpp binaries")
+            self.binaries = await asyncio.to_thread(find_binaries, self.settings.bin_dir, build_if_missing=True)
+        except (ModelError, BinariesError) as exc:
+            self.fail(str(exc))
+            return False
+        except SystemExit as exc:  # the build/model helpers speak in one-line SystemExit messages
+            self.fail(str(exc))
+            return False
+        backend = "cpu" if self.settings.bin_dir else _detect_backend()
+        if not self.binaries.loads_local_weights:
+            log.warning("ggml-rpc-server in %s lacks --gguf: remote hosts will push every weight over the network",
+                        self.binaries.rpc_server.parent)
+        self.update(model=model, backend=backend, rpc_loads_local_weights=self.binaries.loads_local_weights,
+                    status="ready", error=None)
+        log.info("model %s: %s, %d layers, %.0f MB, fingerprint %s", model.name, model.arch, model.n_layers,
+                 model.size_bytes / 1e6, model.fingerprint)
+        return True
+
+    # --- ggml-rpc-server ---------------------------------------------------------------------------
+
+    async def keep_rpc_server(self) -> None:
+        restarts = 0
+        while True:
+            port = free_loopback_port()
+            args = rpc_server_args(self.binaries, port, self.state.model, device=self.settings.device,
+                                   threads=self.settings.threads)
+            self.rpc = Child("ggml-rpc-server", args, addresses.log_path(self.settings.home, "rpc-server"))
+            self.update(rpc=ChildState(state="starting", port=port, restarts=restarts))
+            self.rpc.start()
+            if await _wait_port(port, self.rpc, timeout=30):
+                self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts))
+            await self.rpc.wait()
+            detail = f"ggml-rpc-server {self.rpc.exit_description()}: {self.rpc.log_tail(2)}"
+            log.warning("%s", detail)
+            self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail))
+            await asyncio.sleep(RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)])
+            restarts += 1
+
+    # --- llama-server --------------------------------------------------------------------------
+
+    def on_plan(self, plan: Plan) -> None:
+        if plan != self.plan:
+            self.plan = plan
+            self._plan_changed.set()
+
+    def on_gateway(self, state: GatewayState) -> None:
+        if state.rpc_forwards != self.gateway.rpc_forwards:
+            self._plan_changed.set()
+        self.gateway = state
+
+    def on_mesh(self, state: MeshState) -> None:
+        if state.node_id and state.node_id != self.node_id:
+            self.node_id = state.node_id
+            self.update(node_id=state.node_id)
+            self._plan_changed.set()
+
+    def desired_llama_spec(self) -> tuple[list[str] | None, str]:
+        """(command with port 0, why): None when this node should not run llama-server now."""
+        plan = self.plan
+        if plan.state not in ("solo", "split"):
+            return None, plan.reason or plan.state
+        if plan.host != self.node_id:
+            return None, f"worker; host is {plan.host[:8] if plan.host else '?'}"
+        try:
+            return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.gateway.rpc_forwards,
+                                     backend=self.state.backend, ctx_size=self.settings.ctx_size,
+                                     threads=self.settings.threads), plan.reason
+        except NotReady as exc:
+            return None, str(exc)
+
+    async def keep_llama_server(self) -> None:
+        restarts = 0
+        while True:
+            self._plan_changed.clear()
+            wanted, why = self.desired_llama_spec()
+            running = self.llama is not None and self.llama.running()
+            if running and wanted != self.llama_spec:
+                log.info("stopping llama-server: %s", why)
+                await self.llama.stop()
+                running = False
+            if wanted is None:
+                self.llama, self.llama_spec = None, None
+                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="")
+                await self._plan_changed.wait()
+                continue
+            if not running:
+                if not await self.start_llama(wanted, restarts):
+                    restarts += 1
+                    await asyncio.sleep(RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)])
+                    continue
+            # Serving: wake on a plan change or the child's death.
+            died = asyncio.ensure_future(self.llama.wait())
+            changed = asyncio.ensure_future(self._plan_changed.wait())
+            await asyncio.wait({died, changed}, return_when=asyncio.FIRST_COMPLETED)
+            changed.cancel()
+            if died.done():
+                detail = f"llama-server {self.llama.exit_description()}: {self.llama.log_tail(2)}"
+                log.warning("%s; restarting", detail)
+                restarts += 1
+                self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
+                self.llama_spec = None
+                await asyncio.sleep(RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)])
+            else:
+                died.cancel()
+
+    async def start_llama(self, spec: list[str], restarts: int) -> bool:
+        port = free_loopback_port()
+        args = list(spec)
+        args[args.index("--port") + 1] = str(port)
+        self.llama_spec = spec
+        self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"))
+        started = time.monotonic()
+        self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason))
+        self.llama.start()
+        healthy = await _wait_health(port, self.llama, timeout=600)
+        if not healthy:
+            detail = f"llama-server did not become healthy ({self.llama.exit_description()}): {self.llama.log_tail(3)}"
+            log.error("%s", detail)
+            await self.llama.stop()
+            self.update(llama=ChildState(state="failed", port=port, restarts=restarts + 1, detail=detail),
+                        llama_plan_key="")
+            return False
+        log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
+        self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
+                                     detail=self.plan.reason), llama_plan_key=self.plan.key)
+        return True
+
+    # --- control and lifecycle -------------------------------------------------------------------
+
+    def on_status(self, _: StatusRequest) -> Reply:
+        return Reply(ok=True, data=self.state.model_dump())
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        bus_tasks = [
+            asyncio.ensure_future(self.bus.publish_forever(self.current_state)),
+            asyncio.ensure_future(self.bus.receive_forever(
+                {Plan: self.on_plan, GatewayState: self.on_gateway, MeshState: self.on_mesh})),
+            asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
+        ]
+        work: list[asyncio.Future] = []
+        if await self.prepare():
+            work = [asyncio.ensure_future(self.keep_rpc_server()), asyncio.ensure_future(self.keep_llama_server())]
+        await stopping.wait()
+        for task in work + bus_tasks:
+            task.cancel()
+        for child in (self.llama, self.rpc):
+            if child:
+                await child.stop()
+        self.bus.close()
+
+
+def _detect_backend() -> str:
+    from common.binaries import _build_module
+    return _build_module().detect_backend()
+
+
+async def _wait_port(port: int, child: Child, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.running():
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return True
+        except OSError:
+            await asyncio.sleep(0.1)
+    return False
+
+
+async def _wait_health(port: int, child: Child, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        while time.monotonic() < deadline and child.running():
+            try:
+                if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.2)
+    return False
+
+
+def main() -> None:
+    settings = load_settings()
+    log = setup_logging(settings.home, "runnerd", settings.log_level)
+    if settings.client:
+        log.info("lite client: runnerd has nothing to do")
+        return  # exit 0: supervisord leaves it stopped
+    asyncio.run(Runnerd(settings).serve())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+from common.messages import Plan
+from services.electd.election import Candidate, elect_host, make_plan, split_by_memory
+
+GB = 1 << 30
+FP = "f" * 32
+
+
+def node(nid: str, mem_gb: float, fp: str = FP, role: str = "worker", rpc_ready: bool = True) -> Candidate:
+    return Candidate(nid * 32 if len(nid) == 1 else nid, int(mem_gb * GB), fp, role, rpc_ready)
+
+
+def test_highest_memory_wins_and_ties_go_to_highest_id():
+    assert elect_host([node("a", 8), node("b", 16), node("c", 4)]).node_id == "b" * 32
+    assert elect_host([node("a", 8), node("c", 8), node("b", 8)]).node_id == "c" * 32
+
+
+def test_every_node_computes_the_same_plan():
+    nodes = [node("a", 10), node("b", 6), node("c", 4)]
+    plans = [make_plan(me, [n for n in nodes if n is not me], 15 * GB) for me in nodes]
+    assert {p.key for p in plans} == {plans[0].key}
+    assert plans[0].state == "split" and plans[0].host == "a" * 32
+
+
+def test_split_is_proportional_to_memory_and_sums_to_one():
+    assert split_by_memory([103, 51]) == [0.669, 0.331]
+    ratios = split_by_memory([7, 7, 7])
+    assert abs(sum(ratios) - 1) < 1e-9
+
+
+def test_solo_when_the_model_fits_the_winner():
+    plan = make_plan(node("a", 4), [node("b", 8)], 1 * GB)
+    assert plan.state == "solo" and plan.host == "b" * 32 and [m.node_id for m in plan.members] == ["b" * 32]
+
+
+def test_waiting_for_more_peers_shows_needed_and_available():
+    plan = make_plan(node("a", 20), [node("b", 20)], 50 * GB, margin=1.1)
+    assert plan.state == "waiting"
+    assert plan.needed_bytes == int(50 * GB * 1.1) and plan.available_bytes == 40 * GB
+    assert "need 55.0 GB" in plan.reason and "have 40.0 GB" in plan.reason
+
+
+def test_forced_split_uses_every_eligible_node_and_falls_back_to_solo_alone():
+    split = make_plan(node("a", 8), [node("b", 4)], 1 * GB, force_split=True)
+    assert split.state == "split" and [m.node_id[0] for m in split.members] == ["a", "b"]
+    assert [m.ratio for m in split.members] == [0.667, 0.333]
+    alone = make_plan(node("a", 8), [], 1 * GB, force_split=True)
+    assert alone.state == "solo"
+
+
+def test_clients_other_models_and_unready_rpc_never_count():
+    peers = [node("b", 64, role="client", fp=None), node("c", 64, fp="0" * 32), node("d", 64, rpc_ready=False)]
+    plan = make_plan(node("a", 8), peers, 1 * GB, force_split=True)
+    assert plan.state == "solo" and plan.host == "a" * 32
+    reasons = {e.node_id[0]: e.reason for e in plan.excluded}
+    assert reasons == {"b": "lite client", "c": "holds a different model", "d": "rpc-server not ready"}
+
+
+def test_a_client_joining_does_not_change_the_plan_key():
+    before = make_plan(node("a", 8), [node("b", 4)], 1 * GB, force_split=True)
+    after = make_plan(node("a", 8), [node("b", 4), node("c", 0, role="client", fp=None)], 1 * GB, force_split=True)
+    assert before.key == after.key
+
+
+def test_manual_tensor_split_overrides_ratios_when_lengths_match():
+    plan = make_plan(node("a", 8), [node("b", 4)], 1 * GB, force_split=True, tensor_split=[0.85, 0.15])
+    assert [m.ratio for m in plan.members] == [0.85, 0.15]
+    mismatched = make_plan(node("a", 8), [node("b", 4)], 1 * GB, force_split=True, tensor_split=[1, 1, 1])
+    assert [m.ratio for m in mismatched.members] == [0.667, 0.333] and "ignored" in mismatched.reason
+
+
+def test_no_model_and_client_plans():
+    assert make_plan(None, [], 0).state == "no-model"
+    assert make_plan(node("a", 0, role="client"), [], 0).state == "client"
+    assert isinstance(make_plan(None, [], 0), Plan)

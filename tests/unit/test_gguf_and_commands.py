@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+
+from common.binaries import Binaries
+from common.gguf_info import ModelError, inspect_gguf
+from common.messages import ModelInfo, Plan, PlanMember
+from services.runnerd.commands import NotReady, llama_server_args
+from tests.support.random_gguf import write_preset
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory) -> Path:
+    return write_preset(tmp_path_factory.mktemp("m") / "tiny.gguf", "tiny", seed=1)
+
+
+def test_inspect_reads_shape_and_fingerprints_content(tiny_gguf, tmp_path):
+    info = inspect_gguf(tiny_gguf, tmp_path)
+    assert info.arch == "llama" and info.n_layers > 0 and info.size_bytes == tiny_gguf.stat().st_size
+    same = inspect_gguf(tiny_gguf, tmp_path)  # from the cache
+    assert same == info
+    other = write_preset(tmp_path / "other.gguf", "tiny", seed=2)  # same shape, other weights
+    assert inspect_gguf(other).fingerprint != info.fingerprint
+
+
+def test_bad_model_files_give_one_clear_reason(tiny_gguf, tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        inspect_gguf(tmp_path / "missing.gguf")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ModelError, match="not a GGUF"):
+        inspect_gguf(text)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_gguf.read_bytes()[: tiny_gguf.stat().st_size // 2])
+    with pytest.raises(ModelError, match="cut off"):
+        inspect_gguf(cut)
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(tiny_gguf.read_bytes()[:64])
+    with pytest.raises(ModelError):
+        inspect_gguf(header_only)
+
+
+BINS = Binaries(Path("/b/ggml-rpc-server"), Path("/b/llama-server"), True)
+MODEL = ModelInfo(path="/m.gguf", name="m", size_bytes=1, n_layers=18, arch="gemma3", fingerprint="f")
+
+
+def plan(*members: tuple[str, float]) -> Plan:
+    return Plan(state="split" if len(members) > 1 else "solo", host=members[0][0],
+                members=[PlanMember(node_id=n, memory_bytes=1, ratio=r) for n, r in members])
+
+
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_solo_host_offloads_everything_locally_on_loopback():
+    args = llama_server_args(BINS, 8080, MODEL, plan(("me", 1.0)), "me", {}, backend="cpu", ctx_size=4096, threads=None)
+    assert flag(args, "--host") == "127.0.0.1" and flag(args, "--rpc") is None and flag(args, "--n-gpu-layers") == "999"
+
+
+def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
+    p = plan(("me", 0.5), ("w1", 0.25), ("w2", 0.25))
+    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001, "w2": 5002}, backend="cpu", ctx_size=4096, threads=2)
+    assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
+    assert flag(args, "--n-gpu-layers") == "9" and flag(args, "--tensor-split") == "0.500,0.500"
+
+
+def test_gpu_host_lists_its_own_device_first():
+    p = plan(("me", 0.6), ("w1", 0.4))
+    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001}, backend="cuda", ctx_size=4096, threads=None)
+    assert flag(args, "--tensor-split") == "0.600,0.400"
+
+
+def test_missing_tunnel_means_not_ready():
+    with pytest.raises(NotReady, match="w1"):
+        llama_server_args(BINS, 8080, MODEL, plan(("me", 0.5), ("w1", 0.5)), "me", {}, backend="cpu", ctx_size=4096,
+                          threads=None)
