@@ -146,6 +146,11 @@ def cmake_flags(backend: str) -> list[str]:
         flags.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
     elif backend == "metal":
         flags.append("-DGGML_METAL=ON")
+    if backend != "metal" and platform.machine() in ("x86_64", "AMD64"):
+        # -march=native turns on AMX where the CPU has it, and ggml's AMX kernels segfault in VMs that
+        # don't grant the tile state (seen here on Sapphire Rapids guests); AVX-512 is kept.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+        flags += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
     return flags
 
 

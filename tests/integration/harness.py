@@ -1,0 +1,99 @@
+"""Real nodes for integration tests: `meshctl up` in a home of their own, on ports of their own."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from common import addresses
+from tests.support.procs import free_port, kill_process_tree, wait_until
+
+MESHCTL = [sys.executable, "-m", "meshctl.cli"]
+
+
+def meshctl(*args: str, home: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")} | (env or {})
+    return subprocess.run([*MESHCTL, *args, "--home", str(home)], capture_output=True, text=True, timeout=timeout,
+                          env=full_env)
+
+
+class Node:
+    def __init__(self, home: Path, *, extra: list[str] | None = None, env: dict | None = None,
+                 netns: str | None = None):
+        self.home, self.extra, self.env, self.netns = home, extra or [], env or {}, netns
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, *flags: str) -> "Node":
+        args = [*MESHCTL, "up", "--home", str(self.home), "--port", str(self.port), *self.extra, *flags]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env.update({"MESH_SETTLE_DELAY": "1", "MESH_WAIT_FOR_HOST": "60"} | self.env)
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(args, env=env, stdout=open(self.home / "meshctl-up.out", "ab"),
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def status(self) -> dict:
+        out = meshctl("status", "--json", home=self.home, timeout=30)
+        try:
+            return json.loads(out.stdout)
+        except ValueError:
+            return {}
+
+    def node_id(self) -> str:
+        return wait_until(lambda: self.status().get("meshd", {}).get("node_id"), timeout=60, what="meshd up")
+
+    def token(self) -> str:
+        def get():
+            out = meshctl("token", home=self.home, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else None
+        return wait_until(get, timeout=60, interval=0.5, what="an invite token")
+
+    def answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.api}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_serving(self, timeout: float = 240) -> None:
+        wait_until(self.answers, timeout=timeout, interval=0.3, what=f"{self.home.name} serving")
+
+    def chat(self, prompt: str = "Count from one to five.", **kw) -> str:
+        body = {"model": "any", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 1,
+                "max_tokens": 24} | kw
+        r = httpx.post(f"{self.api}/v1/chat/completions", json=body, timeout=180)
+        r.raise_for_status()
+        return r.json()["choices"][0]["message"]["content"]
+
+    def service_pid(self, service: str) -> int:
+        return int(addresses.lock_path(self.home, service).read_text())
+
+    def runner(self) -> dict:
+        return self.status().get("runnerd", {})
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        meshctl("down", home=self.home, timeout=60)
+        kill_process_tree(self.proc, grace=10)
+        # Anything still holding this home's lock files is ours and left behind by a failure.
+        for service in addresses.SERVICES:
+            try:
+                pid = self.service_pid(service)
+                if psutil.pid_exists(pid) and "mesh" in " ".join(psutil.Process(pid).cmdline()):
+                    kill_process_tree(pid, grace=5)
+            except (OSError, ValueError, psutil.Error):
+                pass
+        self.proc = None

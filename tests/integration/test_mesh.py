@@ -1,0 +1,79 @@
+"""Three nodes on one machine: A and B hold the model, C is a lite client; the split is forced over A and B."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.integration.harness import Node
+from tests.support.procs import kill_process_tree, wait_until
+
+pytestmark = pytest.mark.slow
+PROMPT = "Name three colours."
+
+
+def plan_of(node: Node) -> dict:
+    return node.status().get("electd", {})
+
+
+def split_members(node: Node) -> list[str]:
+    plan = plan_of(node)
+    return [m["node_id"] for m in plan.get("members", [])] if plan.get("state") == "split" else []
+
+
+def serving_answer(node: Node) -> str | None:
+    try:
+        return node.chat(PROMPT, max_tokens=16)
+    except httpx.HTTPError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mesh")
+    a = Node(root / "a", extra=["--split", "--max-vram", "8G", "--bind-host", "127.0.0.1"])
+    b = Node(root / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1"])
+    c = Node(root / "c", extra=["--client", "--bind-host", "127.0.0.1"])
+    nodes = [a, b, c]
+    try:
+        a.start()
+        token = a.token()
+        started = time.monotonic()
+        b.start("--join", token)
+        ids = {"a": a.node_id(), "b": b.node_id()}
+        wait_until(lambda: sorted(split_members(a)) == sorted(ids.values()), timeout=240, interval=0.5,
+                   what="A to plan a split over A and B")
+        wait_until(lambda: serving_answer(a), timeout=240, interval=0.5, what="A serving the split")
+        print(f"join → serving the split in {time.monotonic() - started:.1f} s")
+        yield {"a": a, "b": b, "c": c, "ids": ids, "token": token}
+    finally:
+        for n in nodes:
+            n.stop()
+
+
+def test_client_joins_without_restarting_llama_server_and_all_answer_alike(mesh):
+    a, b, c = mesh["a"], mesh["b"], mesh["c"]
+    llama_pid = a.runner()["llama"]["pid"]
+    c.start("--join", mesh["token"])
+    b.wait_serving(timeout=120)
+    c.wait_serving(timeout=120)
+    answers = {name: serving_answer(n) for name, n in (("a", a), ("b", b), ("c", c))}
+    assert answers["a"] and answers["a"] == answers["b"] == answers["c"], answers
+    assert a.runner()["llama"]["pid"] == llama_pid, "a lite client joining restarted llama-server"
+    # The host reaches B's rpc-server through a tunnel, and C's answers came through one too.
+    tunnels = {t["node_id"]: t for t in a.status()["gatewayd"]["tunnels"]}
+    assert tunnels[mesh["ids"]["b"]]["bytes_out"] > 0
+
+
+def test_killed_worker_is_dropped_and_rejoins(mesh):
+    a, b = mesh["a"], mesh["b"]
+    kill_process_tree(b.proc, grace=0)  # the whole node dies at once, no leave notice
+    b.proc = None
+    started = time.monotonic()
+    wait_until(lambda: plan_of(a).get("state") == "solo", timeout=60, interval=0.5, what="A to drop B")
+    wait_until(lambda: serving_answer(a), timeout=120, interval=0.5, what="A serving alone")
+    print(f"serving again {time.monotonic() - started:.1f} s after B was killed")
+    b.start()  # same home: same identity and mesh secret, so it rejoins on its own
+    wait_until(lambda: len(split_members(a)) == 2, timeout=240, interval=0.5, what="the split over A and B again")
+    wait_until(lambda: serving_answer(a), timeout=240, interval=0.5, what="A serving the split again")
