@@ -25,6 +25,7 @@ class ModelInfo(Message):
     n_layers: int
     arch: str
     fingerprint: str
+    has_chat_template: bool = True
 
 
 # --- runnerd ---------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
             "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name]
     if threads:
         args += ["--threads", str(threads)]
+    if not model.has_chat_template and model.arch.startswith("gemma"):
+        args += ["--chat-template", "gemma"]  # such GGUFs (the default model among them) would get chatml
     remote = [m for m in plan.members if m.node_id != me]
     if not remote:
         return args + ["--n-gpu-layers", "999"]
