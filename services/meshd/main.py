@@ -229,6 +229,7 @@ class Meshd:
 
     async def connect_forever(self) -> None:
         """Keep a direct connection to every node we know of (from gossip or from before a restart)."""
+        dialing: dict[str, asyncio.Task] = {}
         while True:
             await asyncio.sleep(1.0)
             self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time())
@@ -239,19 +240,24 @@ class Meshd:
             for node_id, addrs in targets.items():
                 if node_id == self.me_id or node_id in self.links or not addrs:
                     continue
+                if node_id in dialing and not dialing[node_id].done():
+                    continue
                 failures, next_try = self.dial_failures.get(node_id, (0, 0.0))
                 if now < next_try:
                     continue
-                # Both ends would dial each other at once; let the lower id dial, the other waits a little longer.
+                # Both ends would dial each other at once; the lower id dials first, the other a little later.
                 if failures == 0 and node_id < self.me_id and node_id in self.view:
                     self.dial_failures[node_id] = (1, now + 3.0)
                     continue
-                try:
-                    await self.dial(node_id, addrs, self.secret)
-                except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-                    delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
-                    self.dial_failures[node_id] = (failures + 1, now + delay)
-                    log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
+                dialing[node_id] = asyncio.ensure_future(self.redial(node_id, list(addrs), failures))
+
+    async def redial(self, node_id: str, addrs: list, failures: int) -> None:
+        try:
+            await self.dial(node_id, addrs, self.secret)
+        except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
+            self.dial_failures[node_id] = (failures + 1, time.monotonic() + delay)
+            log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
 
     async def join(self, text: str) -> Reply:
         try:
