@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     bind_host: str = Field("0.0.0.0", description="address the mesh endpoints (QUIC, data lanes) bind to")
     bind_port: int = Field(0, ge=0, le=65535, description="fixed UDP port for the mesh QUIC endpoint; 0 = any")
     advertise: Annotated[list[str], NoDecode] = Field(default_factory=list, description="addresses to put in invite tokens")
+    advertise_data: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                           description="HOST:PORT other nodes use for the TCP data lane")
     data_port: int = Field(0, ge=0, le=65535, description="fixed port for the data tunnels (TCP lane and QUIC lane); 0 = any")
     tensor_split: Annotated[list[float], NoDecode] | None = Field(None, description="manual split ratios, e.g. 0.85,0.15")
     split: bool = Field(False, description="split over every node with the model even when it fits one")
@@ -71,7 +73,7 @@ class Settings(BaseSettings):
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this")
     log_level: str = Field("INFO")
 
-    @field_validator("join", "advertise", mode="before")
+    @field_validator("join", "advertise", "advertise_data", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)

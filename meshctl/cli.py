@@ -37,7 +37,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
                      port=args.port, bind_port=args.bind_port, bind_host=args.bind_host, data_port=args.data_port,
                      tensor_split=args.tensor_split, split=args.split or None, bin_dir=args.bin_dir,
                      device=args.device, max_vram=args.max_vram, ctx_size=args.ctx_size, threads=args.threads,
-                     listen_all=args.listen_all or None, api_key=args.api_key, advertise=args.advertise or None)
+                     listen_all=args.listen_all or None, api_key=args.api_key, advertise=args.advertise or None,
+                     advertise_data=args.advertise_data or None)
     if args.home:
         os.environ["MESH_HOME"] = str(Path(args.home).expanduser())  # the config file lives there
     try:
@@ -280,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--bind-host", help="address the mesh endpoints bind to (default 0.0.0.0)")
     up.add_argument("--data-port", type=int, help="fixed port for the data tunnels (TCP and UDP)")
     up.add_argument("--advertise", action="append", metavar="HOST[:PORT]", help="address to put in invite tokens")
+    up.add_argument("--advertise-data", action="append", metavar="HOST:PORT",
+                    help="address other nodes use for the TCP data lane (e.g. a forwarded port)")
     up.add_argument("--tensor-split", help="manual split ratios, host first, e.g. 0.85,0.15")
     up.add_argument("--split", action="store_true", help="split over every node with the model even when it fits one")
     up.add_argument("--bin-dir", type=Path, help="directory with ggml-rpc-server (or rpc-server) and llama-server")

@@ -186,7 +186,7 @@ class Gatewayd:
             self.state = self.state.model_copy(update={"error": reason})
         tcp, quic = await self.tunnels.start()
         self.state = self.state.model_copy(update={
-            "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, None)],
+            "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, self.settings.advertise_data)],
             "data_quic": [a for h, p in quic for a in advertised_addresses(h, p, None)]})
         log.info("data tunnels: tcp %s, quic %s", self.state.data_tcp, self.state.data_quic)
         loop = asyncio.get_running_loop()

@@ -62,6 +62,8 @@ class Node:
         return wait_until(get, timeout=60, interval=0.5, what="an invite token")
 
     def answers(self) -> bool:
+        if self.netns:
+            return self.status().get("gatewayd", {}).get("upstream", "") != ""
         try:
             return httpx.get(f"{self.api}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
@@ -73,6 +75,15 @@ class Node:
     def chat(self, prompt: str = "Count from one to five.", **kw) -> str:
         body = {"model": "any", "messages": [{"role": "user", "content": prompt}], "temperature": 0, "seed": 1,
                 "max_tokens": 24} | kw
+        if self.netns:  # the API listens on the namespace's own loopback
+            code = ("import httpx,json,sys; r=httpx.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=180);"
+                    "r.raise_for_status(); print(json.dumps(r.json()))")
+            out = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c", code,
+                                  f"{self.api}/v1/chat/completions", json.dumps(body)], capture_output=True, text=True,
+                                 timeout=200)
+            if out.returncode != 0:
+                raise httpx.HTTPError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
+            return json.loads(out.stdout)["choices"][0]["message"]["content"]
         r = httpx.post(f"{self.api}/v1/chat/completions", json=body, timeout=180)
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]

@@ -1,0 +1,1 @@
+"""Benchmarks of the data plane (`python -m bench.bench_rpc`)."""

