@@ -23,8 +23,10 @@ import errno
 import inspect
 import ipaddress
 import logging
+import os
 import socket
 import ssl
+import sys
 import weakref
 from typing import Any, Awaitable, Callable
 
@@ -711,6 +713,12 @@ class QuicPeerConnection:
         self._mark_closed(event.error_code, event.reason_phrase)
         self._endpoint._connection_terminated(self)
 
+    def _abandon(self, reason: str) -> None:
+        """Give up on a connection without telling the peer (there is none to tell)."""
+        self._stop_timers()
+        self._mark_closed(CLOSE_NORMAL, reason)
+        self._endpoint._connection_terminated(self)
+
     def _stop_timers(self) -> None:
         self._terminated = True
         for handle in (self._timer, self._transmit_handle, self._keepalive, self._auth_deadline):
@@ -857,6 +865,7 @@ class QuicEndpoint:
             raise
         self._sock = sock
         self._family = family
+        self._icmp_errors = _enable_icmp_errors(sock, family)
         self._loop.add_reader(sock.fileno(), self._on_readable)
         bound = sock.getsockname()
         self.local_address = (bound[0], bound[1])
@@ -1016,13 +1025,15 @@ class QuicEndpoint:
         by_cid = self._by_cid
         now = self._loop.time()
         touched: dict[QuicPeerConnection, None] = {}
+        socket_error = False
         for _ in range(RECEIVE_BATCH):
             try:
                 data, addr = recvfrom(65536)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                continue  # e.g. an ICMP port-unreachable surfacing; loss recovery copes
+                socket_error = True  # an ICMP error surfacing (see _drain_icmp_errors)
+                continue
             if not data:
                 continue
             if data[0] & 0x80 == 0:  # short header: the destination CID follows the first byte
@@ -1037,12 +1048,38 @@ class QuicEndpoint:
                 log.exception("dropping a datagram aioquic could not handle")
                 continue
             touched[connection] = None
+        if self._icmp_errors and (socket_error or not touched):
+            self._drain_icmp_errors()
         for connection in touched:
             try:
                 connection._after_receive()
             except Exception:
                 log.exception("QUIC connection failed while processing input")
                 connection._close(CLOSE_PROTOCOL, "internal error")
+
+    def _drain_icmp_errors(self) -> None:
+        """Read ICMP errors queued on the socket (IP_RECVERR). A dial whose handshake has not
+        finished fails at once when its destination answers "port unreachable", instead of
+        waiting for its timeout. Established connections ignore ICMP: it is unauthenticated, and
+        their idle timeout already notices a dead peer."""
+        sock = self._sock
+        for _ in range(RECEIVE_BATCH):
+            try:
+                _, ancillary, _, addr = sock.recvmsg(512, 512, socket.MSG_ERRQUEUE)  # type: ignore[union-attr]
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            error = 0
+            for _level, _type, data in ancillary:
+                if len(data) >= 4:  # struct sock_extended_err begins with ee_errno
+                    error = int.from_bytes(data[:4], sys.byteorder)
+            if not addr or not error:
+                continue
+            for connection in list(self._connections):
+                if (connection.dialed and not connection._handshake_done.done()
+                        and connection._send_address[:2] == addr[:2]):
+                    connection._abandon(f"{os.strerror(error).lower()} (ICMP)")
 
     def _route_long_header(self, data: bytes, addr: tuple) -> QuicPeerConnection | None:
         try:
@@ -1103,6 +1140,25 @@ class QuicEndpoint:
             del queue[:sent]
             if not queue:
                 self._loop.remove_writer(sock.fileno())
+
+
+def _enable_icmp_errors(sock: socket.socket, family: int) -> bool:
+    """Ask Linux to queue ICMP errors on this unconnected socket (IP_RECVERR / IPV6_RECVERR)."""
+    if not sys.platform.startswith("linux") or not hasattr(socket, "MSG_ERRQUEUE"):
+        return False
+    ip_recverr, ipv6_recverr = getattr(socket, "IP_RECVERR", 11), getattr(socket, "IPV6_RECVERR", 25)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, ipv6_recverr, 1)
+            try:  # IPv4-mapped peers on a dual-stack socket
+                sock.setsockopt(socket.IPPROTO_IP, ip_recverr, 1)
+            except OSError:
+                pass
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, ip_recverr, 1)
+    except OSError:
+        return False
+    return True
 
 
 def _enlarge_buffers(sock: socket.socket) -> None:

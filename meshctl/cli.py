@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 from pydantic import ValidationError
 
 from common import addresses
@@ -49,11 +50,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def supervisord_pid(home: Path) -> int | None:
+    """The pid of this home's running supervisord; a stale pidfile (crash, reused pid) counts as none."""
     try:
         pid = int(addresses.supervisord_pidfile(home).read_text().strip())
-        os.kill(pid, 0)
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE or "supervisord" not in " ".join(proc.cmdline()):
+            return None
         return pid
-    except (OSError, ValueError):
+    except (OSError, ValueError, psutil.Error):
         return None
 
 

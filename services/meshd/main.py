@@ -24,7 +24,7 @@ from common.identity import AuthError, NodeIdentity
 from common.logs import setup_logging
 from common.messages import (Announcement, GatewayState, JoinRequest, MeshState, PeerView, Plan, Reply, RunnerState,
                              StatusRequest, TokenRequest)
-from common.quic import QuicEndpoint, QuicPeerConnection
+from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 from common.settings import Settings, load_settings
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
@@ -129,6 +129,9 @@ class Meshd:
             try:
                 conn = await self.endpoint.dial(tuple(addr), expected_node_id=node_id, claims_for=self.claims_for(secret),
                                                 timeout=5.0)
+            except PeerIdentityMismatch as exc:
+                last_error = exc  # another node answers at this address; the peer may be at the next one
+                continue
             except AuthError:
                 raise  # the peer answered and refused: other addresses reach the same peer
             except (OSError, ConnectionError, asyncio.TimeoutError) as exc:

@@ -240,6 +240,24 @@ def test_oversized_auth_answer_closes_only_that_connection(identities) -> None:
     asyncio.run(main())
 
 
+def test_dial_to_a_closed_port_fails_fast(identities) -> None:
+    a, _, _ = identities
+
+    async def main():
+        import socket
+        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1")
+        await ea.start()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead_port = probe.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match="refused"):
+            await ea.dial(("127.0.0.1", dead_port), expected_node_id=None, timeout=5)
+        assert time.monotonic() - started < 1.0  # ICMP port-unreachable, not the 5 s timeout
+        await ea.close()
+    asyncio.run(main())
+
+
 def test_ten_megabytes_echo_intact(identities) -> None:
     a, b, _ = identities
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.support.procs import free_port, kill_process_tree, popen_in_own_session, wait_until
@@ -90,24 +91,22 @@ def perturbed_model(model: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """
     from gguf import GGUFReader
 
-    reader = GGUFReader(model)
-    tensors = {t.name: t for t in reader.tensors}
+    where = {t.name: (int(t.data_offset), int(t.n_bytes)) for t in GGUFReader(model).tensors}
     other_bytes = ["blk.0.ffn_down.weight", "blk.5.attn_q.weight"]
     renamed = "blk.3.ffn_up.weight"
-    assert all(name in tensors for name in [*other_bytes, renamed])
-    del reader  # it keeps a memory map of the file open
+    assert all(name in where for name in [*other_bytes, renamed])
 
     out = tmp_path / "perturbed.gguf"
     shutil.copyfile(model, out)
     with open(out, "r+b") as f:
         for name in other_bytes:
-            t = tensors[name]
-            f.seek(t.data_offset + t.n_bytes // 2)
+            offset, n_bytes = where[name]
+            f.seek(offset + n_bytes // 2)
             byte = f.read(1)[0]
             f.seek(-1, os.SEEK_CUR)
             f.write(bytes([byte ^ 0x5A]))
         f.seek(0)
-        head = f.read(tensors[renamed].data_offset)
+        head = f.read(where[renamed][0])
         old = len(renamed).to_bytes(8, "little") + renamed.encode()
         assert head.count(old) == 1
         f.seek(head.index(old) + 8)
@@ -199,14 +198,9 @@ class RpcServer:
         wait_until(self._listening, timeout=60, what=f"ggml-rpc-server listening on {self.port}")
         return self
 
-    def _alive(self) -> bool:
+    def _listening(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"ggml-rpc-server exited ({self.proc.returncode}):\n{tail(self.log)}")
-        return True
-
-    def _listening(self) -> bool:
-        import psutil
-        self._alive()
         return any(c.laddr and c.laddr.port == self.port and c.status == psutil.CONN_LISTEN
                    for c in psutil.Process(self.proc.pid).net_connections("tcp"))
 
@@ -362,3 +356,12 @@ def test_without_gguf_the_server_behaves_as_stock(bin_dir, model, local_completi
     assert run.client.lines == [] and run.server.lines == []
     assert run.relayed > 0.5 * model.stat().st_size
     assert run.completion == local_completion
+
+
+def test_an_unreadable_gguf_is_a_clear_startup_error(bin_dir, tmp_path):
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"this is no gguf")
+    proc = subprocess.run([str(bin_dir / "ggml-rpc-server"), "-p", str(free_port()), "--gguf", str(bad)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert f"Failed to read the tensor table of '{bad}'" in proc.stderr
