@@ -35,3 +35,7 @@ stop:
 # Our llama.cpp patches
 diff:
     cat llama.cpp/patches/*.patch
+
+# Solo node: time to first answer and decode speed through :9337 vs llama-server directly
+bench-solo: build download-model
+    {{py}} -m bench.bench_solo
