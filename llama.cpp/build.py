@@ -110,7 +110,9 @@ def fetch_source(pin: dict, dest: Path) -> None:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
         for m in members:
             m.name = m.name[len(prefix):]
-        tar.extractall(dest, members=[m for m in members if m.name], filter="data")
+        # vendor/llama.cpp/.git is a submodule pointer that leads nowhere once extracted; git apply would
+        # then refuse to run ("not a git repository").
+        tar.extractall(dest, members=[m for m in members if m.name and m.name != ".git"], filter="data")
 
 
 def sha256_of(path: Path) -> str:
