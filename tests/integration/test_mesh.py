@@ -1,6 +1,7 @@
 """Three nodes on one machine: A and B hold the model, C is a lite client; the split is forced over A and B."""
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -66,11 +67,34 @@ def test_client_joins_without_restarting_llama_server_and_all_answer_alike(mesh)
     assert tunnels[mesh["ids"]["b"]]["bytes_out"] > 0
 
 
+def stream_until_end(base: str, outcome: dict) -> None:
+    """A long streamed completion; records how it ended: "done" or the error event it got."""
+    body = {"model": "any", "messages": [{"role": "user", "content": "Tell a very long story."}], "max_tokens": 2000,
+            "stream": True}
+    try:
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                outcome["chunks"] = outcome.get("chunks", 0) + 1
+                if line == "data: [DONE]":
+                    outcome["end"] = "done"
+                elif line.startswith("data: ") and '"error"' in line:
+                    outcome["end"] = "error event"
+    except httpx.HTTPError as exc:
+        outcome["end"] = f"transport error {type(exc).__name__}"
+
+
 def test_killed_worker_is_dropped_and_rejoins(mesh):
-    a, b = mesh["a"], mesh["b"]
-    kill_process_tree(b.proc, grace=0)  # the whole node dies at once, no leave notice
+    a, b, c = mesh["a"], mesh["b"], mesh["c"]
+    outcome: dict = {}
+    in_flight = threading.Thread(target=stream_until_end, args=(c.api, outcome))
+    in_flight.start()
+    wait_until(lambda: outcome.get("chunks", 0) > 5, timeout=60, what="a stream in flight")
+    kill_process_tree(b.proc, grace=0)  # the whole node dies at once, mid-generation, no leave notice
     b.proc = None
     started = time.monotonic()
+    in_flight.join(timeout=150)
+    assert not in_flight.is_alive(), "the in-flight stream hung after its worker died"
+    assert outcome.get("end") in ("done", "error event"), outcome
     wait_until(lambda: plan_of(a).get("state") == "solo", timeout=60, interval=0.5, what="A to drop B")
     wait_until(lambda: serving_answer(a), timeout=120, interval=0.5, what="A serving alone")
     print(f"serving again {time.monotonic() - started:.1f} s after B was killed")
