@@ -63,6 +63,9 @@ class Workload:
 
 
 QUICK_WORKLOAD = Workload(repeats=1, n_predict=32, prefill_tokens=256)
+# A request costs round trips of its own (slot setup, prompt batch) besides its tokens' (~2 each
+# here); a metered short request before the timed ones lets the per-token figure leave them out.
+SHORT_N_PREDICT = 4
 
 
 def _busy_cpu_seconds() -> float:
@@ -115,6 +118,7 @@ class RunResult:
     decode_tokens: int = 0
     prefill_prompt_tokens: int = 0
     traffic_load: dict | None = None      # through the path's meters, start -> healthy
+    traffic_short: dict | None = None     # over one request of SHORT_N_PREDICT tokens
     traffic_decode: dict | None = None    # over the timed decode requests
     traffic_total: dict | None = None     # start -> last request
     error: str | None = None
@@ -156,9 +160,11 @@ class Bench:
         with contextlib.ExitStack() as stack:  # unwinds in reverse: llama-server, path, rpc-servers
             rpc_endpoints, meters, extra_args, rpc_servers = None, [], [], []
             if result.path != LOCAL:
+                # The mesh runs its rpc-servers with our patch (weights from the local GGUF); stock paths don't.
+                local_weights = self.model if result.path.startswith("mesh") and self.bins.loads_local_weights else None
                 for i in range(N_RPC_SERVERS):
                     server = start_rpc_server(self.bins, self.log_dir, name=f"rpc-server{i}-{slug}",
-                                              threads=self.rpc_threads)
+                                              threads=self.rpc_threads, gguf=local_weights)
                     stack.callback(server.stop)
                     rpc_servers.append(server)
                 rpc_endpoints = stack.enter_context(
@@ -177,7 +183,9 @@ class Bench:
             after_load = traffic()
             other_load = OtherLoad([llama.proc.pid, *(s.proc.pid for s in rpc_servers)])
             with httpx.Client(base_url=llama.url, timeout=REQUEST_TIMEOUT_S) as client:
-                self._complete(llama, client, DECODE_PROMPT, n_predict=4)  # warm-up, untimed
+                self._complete(llama, client, DECODE_PROMPT, n_predict=SHORT_N_PREDICT)  # warm-up: one-time setup
+                before_short = traffic()
+                self._complete(llama, client, DECODE_PROMPT, n_predict=SHORT_N_PREDICT)
                 before_decode = traffic()
                 for _ in range(self.workload.repeats):
                     timings = self._complete(llama, client, DECODE_PROMPT, n_predict=self.workload.n_predict)
@@ -192,6 +200,7 @@ class Bench:
             result.other_load_cores = other_load.cores()
             if meters:
                 result.traffic_load = asdict(after_load)
+                result.traffic_short = asdict(before_decode - before_short)
                 result.traffic_decode = asdict(after_decode - before_decode)
                 result.traffic_total = asdict(traffic())
 
@@ -226,9 +235,12 @@ def derive(results: list[RunResult]) -> dict[str, Any]:
         r.decode_median = statistics.median(r.decode_tps) if r.decode_tps else None
         r.prefill_median = statistics.median(r.prefill_tps) if r.prefill_tps else None
         if r.traffic_decode and r.decode_tokens:
-            # Includes the short prompt's one batch: slightly above the pure per-token figure.
-            r.round_trips_per_token = r.traffic_decode["round_trips"] / r.decode_tokens
-            r.bytes_per_token = (r.traffic_decode["bytes_to_server"] + r.traffic_decode["bytes_to_client"]) / r.decode_tokens
+            # Marginal cost of a token: a timed request minus the short one, over the extra tokens.
+            requests = len(r.decode_tps)
+            extra_tokens = r.decode_tokens / requests - SHORT_N_PREDICT
+            long, short = TrafficStats(**r.traffic_decode), TrafficStats(**r.traffic_short)
+            r.round_trips_per_token = (long.round_trips / requests - short.round_trips) / extra_tokens
+            r.bytes_per_token = (long.total_bytes / requests - short.total_bytes) / extra_tokens
     baseline = next((r for r in results if r.path == BASELINE and r.rtt_ms <= 0 and r.decode_median), None)
     # Round trips per token are llama.cpp's protocol, not the path's: unmetered rows borrow them.
     metered = [r.round_trips_per_token for r in results if r.round_trips_per_token]
@@ -300,7 +312,7 @@ def plot(results: list[RunResult], summary: dict[str, Any], out: Path) -> None:
         ax.set_xlabel("injected RTT (ms)")
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="lower left")
     fig.suptitle("llama.cpp RPC through each data path (2 rpc-servers, loopback)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -372,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     base = summary["base_ms_per_token"]
     print(f"\nbound = 1 / ({BASELINE} time per token at 0 ms"
           f"{f' ({base:.1f} ms)' if base else ''} + round trips per token x RTT); "
-          f"RT/tok and bytes are over the decode requests; tunnel MB from start to the last request;\n"
+          f"RT/tok and B/tok: per extra decoded token (timed request minus a short one);\n"
+          f"tunnel MB: through the path from start to the last request; "
           f"other = CPU cores used by other programs during the timed requests (noise indicator).")
     print(f"{len(results)} runs in {duration:.0f} s; logs in {log_dir}")
 

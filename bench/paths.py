@@ -160,14 +160,61 @@ def tls_relay(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Addr
         yield Endpoints([e.address for e in entries], meters=entries)
 
 
-@register("mesh", "the mesh's own data tunnel (services/gatewayd) -- slot to fill")
+@contextmanager
+def _mesh_tunnels(rpc_endpoints: list[Address], rtt_ms: float, prefer: str) -> Iterator[list[Address]]:
+    """The real gatewayd tunnel ends, one process per node: a worker end in front of each rpc-server,
+    one host end with a forward per worker; the delay relay sits on the TCP leg between them."""
+    import json
+    import subprocess
+    import sys
+
+    from common.identity import NodeIdentity
+
+    def spawn(*args: str) -> tuple[subprocess.Popen, dict]:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.tunnel_end", *args], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        line = proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"tunnel end {args[0]} did not start")
+        return proc, json.loads(line)
+
+    procs: list[subprocess.Popen] = []
+    with tempfile.TemporaryDirectory(prefix="bench-mesh-") as tmp, _relay_loop() as start:
+        try:
+            host_home = Path(tmp) / "host"
+            host_id = NodeIdentity.load_or_create(host_home).node_id
+            peers, relays = [], []
+            for i, endpoint in enumerate(rpc_endpoints):
+                _, hello = spawn("worker", str(Path(tmp) / f"w{i}"), host_id, f"{endpoint[0]}:{endpoint[1]}")
+                if rtt_ms > 0:
+                    relay = start(DelayRelay(tuple(hello["tcp"][0]), rtt_ms=rtt_ms))
+                    relays.append(relay)
+                    hello["tcp"] = [relay.address]
+                peers.append(json.dumps(hello))
+            _, opened = spawn("host", str(host_home), prefer, *peers)
+            yield Endpoints([("127.0.0.1", port) for port in opened["ports"]], meters=relays)
+        finally:
+            for proc in procs:
+                proc.stdin.close()
+            for proc in procs:
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@register("mesh", "the mesh's data tunnel between gatewayd ends: TLS over TCP lane (the default between reachable nodes)")
 @contextmanager
 def mesh_path(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Address]]:
-    """Open the mesh tunnel to each rpc endpoint and yield the local ends for llama-server.
+    with _mesh_tunnels(rpc_endpoints, rtt_ms, prefer="tcp") as endpoints:
+        yield endpoints
 
-    To fill: start the two tunnel ends (the worker side dialing `rpc_endpoints`, the host side
-    listening on 127.0.0.1:0), inject `rtt_ms` on the leg between them, yield
-    `Endpoints(host_side_addresses, meters=...)`, and tear everything down on exit.
-    """
-    raise NotImplementedError("the mesh tunnel is not wired into bench/paths.py yet (mesh_path)")
-    yield  # unreachable; makes this a generator for @contextmanager
+
+@register("mesh-quic", "the mesh's QUIC lane, the path that always connects (no delay injection on UDP)")
+@contextmanager
+def mesh_quic_path(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Address]]:
+    if rtt_ms > 0:
+        raise NotImplementedError("the delay relay is TCP-only; the QUIC lane is measured at 0 ms added RTT")
+    with _mesh_tunnels(rpc_endpoints, 0, prefer="quic") as endpoints:
+        yield endpoints

@@ -53,12 +53,14 @@ class ServerProcess:
 
 
 def start_rpc_server(bins: Binaries, log_dir: Path, *, name: str = "rpc-server", threads: int | None = None,
-                     timeout: float = 30.0) -> ServerProcess:
+                     gguf: Path | None = None, timeout: float = 30.0) -> ServerProcess:
     """ggml-rpc-server on 127.0.0.1 only (it is insecure by design), ready to accept."""
     port = free_port()
     args = [str(bins.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
     if threads:
         args += ["-t", str(threads)]
+    if gguf:  # our patch: load weights from this local file instead of receiving them
+        args += ["--gguf", str(gguf)]
     server = ServerProcess(name, popen_in_own_session(args, log_path=log_dir / f"{name}.log"),
                            "127.0.0.1", port, log_dir / f"{name}.log")
     deadline = time.monotonic() + timeout
