@@ -35,6 +35,7 @@ ALPN = "mesh-inference/1"
 GOSSIP_INTERVAL_S = 1.0
 DIAL_BACKOFF_S = (1, 2, 5, 10, 20)
 MAX_GOSSIP_FRAME = 1 << 20
+FORGET_AFTER_FAILED_DIALS = 15  # about 5 minutes of backoff
 
 try:
     VERSION = version("mesh-inference")
@@ -188,6 +189,10 @@ class Meshd:
         if not any(a.node_id == peer_id for a in incoming):
             return
         self.view, changed = merge_view(self.view, incoming, self.me_id)
+        addrs = [list(a) for a in self.view[peer_id].mesh_addrs] if peer_id in self.view else []
+        if addrs and self.secret.known.get(peer_id) != addrs:
+            self.secret.known[peer_id] = addrs  # so a restart can rejoin through any member, not just the inviter
+            self.save_secret()
         secret = frame.get("secret")
         if isinstance(secret, dict) and secret.get("mesh") == self.secret.mesh_id \
                 and isinstance(secret.get("gen"), int) and secret["gen"] > self.secret.generation \
@@ -258,6 +263,9 @@ class Meshd:
         try:
             await self.dial(node_id, addrs, self.secret)
         except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            if failures >= FORGET_AFTER_FAILED_DIALS and node_id not in self.view and node_id in self.secret.known:
+                del self.secret.known[node_id]  # gone for good (or moved): stop dialing it
+                self.save_secret()
             delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
             self.dial_failures[node_id] = (failures + 1, time.monotonic() + delay)
             log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
