@@ -6,7 +6,8 @@ alone, for reference.
     python -m bench.bench_rpc                                  # every path, RTT 0,5,10,20 ms
     python -m bench.bench_rpc --paths local,stock-direct --rtts 0,10 --quick
 
-Writes bench/results/latest.json and bench/results/latest.png.
+Writes bench/results/latest.json and bench/results/latest.png (the plot only where matplotlib is
+installed). On a GPU machine, `--quiet-wait` and `--load-timeout` bound the waits of each run.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -143,6 +146,8 @@ class Bench:
     log_dir: Path
     rpc_threads: int | None = None  # None: ggml-rpc-server's default
     prefill_prompt: list[int] | None = None  # token ids, made once with the first server's tokenizer
+    quiet_wait_s: float = QUIET_WAIT_S
+    load_timeout_s: float = LOAD_TIMEOUT_S
 
     def run(self, path: str, rtt_ms: float) -> RunResult:
         label = path if rtt_ms <= 0 else f"{path}+{rtt_ms:g}ms"
@@ -171,7 +176,7 @@ class Bench:
                     PATHS[result.path].open([s.address for s in rpc_servers], result.rtt_ms))
                 meters = getattr(rpc_endpoints, "meters", [])
                 extra_args = ["--tensor-split", ",".join(["1"] * N_RPC_SERVERS)]  # same split every run
-            result.waited_for_quiet_s = wait_for_quiet([s.proc.pid for s in rpc_servers])
+            result.waited_for_quiet_s = wait_for_quiet([s.proc.pid for s in rpc_servers], timeout=self.quiet_wait_s)
             llama = start_llama_server(self.bins, self.model, self.log_dir, name=f"llama-server-{slug}",
                                        rpc=rpc_endpoints, ctx_size=CTX_SIZE, extra_args=extra_args)
             stack.callback(llama.stop)
@@ -179,7 +184,7 @@ class Bench:
             def traffic() -> TrafficStats | None:
                 return sum((m.snapshot() for m in meters), TrafficStats()) if meters else None
 
-            result.load_s = wait_until_healthy(llama, timeout=LOAD_TIMEOUT_S)
+            result.load_s = wait_until_healthy(llama, timeout=self.load_timeout_s)
             after_load = traffic()
             other_load = OtherLoad([llama.proc.pid, *(s.proc.pid for s in rpc_servers)])
             with httpx.Client(base_url=llama.url, timeout=REQUEST_TIMEOUT_S) as client:
@@ -287,8 +292,12 @@ def format_table(results: list[RunResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[RunResult], summary: dict[str, Any], out: Path) -> None:
-    import matplotlib
+def plot(results: list[RunResult], summary: dict[str, Any], out: Path) -> bool:
+    """Draw the results to `out`; False (and no plot) where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -317,6 +326,19 @@ def plot(results: list[RunResult], summary: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return True
+
+
+def gpu_names() -> list[str]:
+    """The GPUs nvidia-smi lists (empty where there is none), for the report."""
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 def _parse_list(text: str, convert=str) -> list:
@@ -340,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rpc-threads", type=int, help="ggml-rpc-server -t (default: its own default)")
     parser.add_argument("--bin-dir", type=Path, help="llama.cpp bin dir (default: the project's build)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--quiet-wait", type=float, default=QUIET_WAIT_S,
+                        help="at most this many seconds to wait for other programs to go quiet before each run")
+    parser.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT_S,
+                        help="seconds llama-server may take to load the model (a 7B over a slow path needs more)")
     args = parser.parse_args(argv)
 
     unknown = [p for p in args.paths if p != LOCAL and p not in PATHS]
@@ -360,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats:
         workload = replace(workload, repeats=args.repeats)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-rpc-logs-"))
-    bench = Bench(bins, args.model, workload, log_dir, rpc_threads=args.rpc_threads)
+    bench = Bench(bins, args.model, workload, log_dir, rpc_threads=args.rpc_threads,
+                  quiet_wait_s=args.quiet_wait, load_timeout_s=args.load_timeout)
     plan = [(LOCAL, 0.0)] if LOCAL in args.paths else []
     # RTT-major order: every path sees the machine in about the same state at each RTT.
     plan += [(path, rtt) for rtt in args.rtts for path in args.paths if path != LOCAL]
@@ -393,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": round(duration, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpu_names()},
         "model": str(args.model),
         "binaries": {"llama_server": str(bins.llama_server), "rpc_server": str(bins.rpc_server)},
         "setup": {"rpc_servers": N_RPC_SERVERS, "n_gpu_layers": 99, "tensor_split": [1] * N_RPC_SERVERS,
@@ -403,9 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [asdict(r) for r in results],
     }
     (args.out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
-    if any(not r.error for r in results):
-        plot(results, summary, args.out_dir / "latest.png")
-    print(f"wrote {args.out_dir / 'latest.json'} and {args.out_dir / 'latest.png'}")
+    plotted = any(not r.error for r in results) and plot(results, summary, args.out_dir / "latest.png")
+    print(f"wrote {args.out_dir / 'latest.json'}"
+          + (f" and {args.out_dir / 'latest.png'}" if plotted else " (no plot: matplotlib is not installed)"))
     return 0 if results and all(r.error is None or r.error.startswith("not implemented") for r in results) else 1
 
 

@@ -8,6 +8,14 @@ Stdlib only: it runs before the project's own dependencies are installed.
 
     python llama.cpp/build.py            # build if needed, print the bin dir
     python llama.cpp/build.py --print    # print the bin dir a build would use; build nothing
+
+Offline builds: `MESH_LLAMA_SOURCE=<dir or .tar.gz>` takes the llama.cpp tree from there instead of
+downloading the sdist: an extracted tree (the sdist's vendor/llama.cpp, possibly trimmed of what
+the build does not use: models/, docs/, tests/, examples/, other backends), or a tarball holding
+one (the tree's root is the shallowest folder with CMakeLists.txt and ggml/, so the pinned sdist
+itself works too). Everything else is the same: patches applied, same cmake flags, and the same
+cache key, which still names the pinned version. The tree is trusted to be that version's: it has
+no sha256 to check against, so point the variable only at a copy of the pinned source.
 """
 from __future__ import annotations
 
@@ -115,6 +123,40 @@ def fetch_source(pin: dict, dest: Path) -> None:
         tar.extractall(dest, members=[m for m in members if m.name and m.name != ".git"], filter="data")
 
 
+def source_override() -> Path | None:
+    """MESH_LLAMA_SOURCE: a local llama.cpp tree or tarball of it, used instead of the download."""
+    env = os.environ.get("MESH_LLAMA_SOURCE")
+    return Path(env).expanduser().resolve() if env else None
+
+
+def _tree_root(top: Path) -> Path:
+    """The shallowest folder under `top` (itself included) that holds a llama.cpp tree."""
+    level = [top]
+    for _ in range(4):
+        for d in sorted(level):
+            if (d / "CMakeLists.txt").is_file() and (d / "ggml").is_dir():
+                return d
+        level = [c for d in level for c in d.iterdir() if c.is_dir() and not c.is_symlink()]
+    raise SystemExit(f"error: no llama.cpp tree (CMakeLists.txt and ggml/) in MESH_LLAMA_SOURCE={top}")
+
+
+def copy_local_source(source: Path, dest: Path) -> None:
+    """Copy the llama.cpp tree at `source` (a folder, or a tarball holding one) into `dest`."""
+    # .git: a submodule pointer would make git apply refuse to run; build/: an old build of that tree.
+    skip = shutil.ignore_patterns(".git", "build")
+    if source.is_dir():
+        say(f"using the local llama.cpp tree {source} (MESH_LLAMA_SOURCE)")
+        shutil.copytree(_tree_root(source), dest, ignore=skip, dirs_exist_ok=True, symlinks=True)
+    elif source.is_file() and tarfile.is_tarfile(source):
+        say(f"using the local llama.cpp tarball {source} (MESH_LLAMA_SOURCE); extracting")
+        with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+            with tarfile.open(source) as tar:
+                tar.extractall(tmp, filter="data")
+            shutil.copytree(_tree_root(Path(tmp)), dest, ignore=skip, dirs_exist_ok=True, symlinks=True)
+    else:
+        raise SystemExit(f"error: MESH_LLAMA_SOURCE={source} is neither a folder nor a tarball")
+
+
 def sha256_of(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -195,7 +237,11 @@ def build(backend: str | None = None, jobs: int | None = None) -> Path:
     if src.exists():
         shutil.rmtree(src)
     src.mkdir()
-    fetch_source(pin, src)
+    local_source = source_override()
+    if local_source:
+        copy_local_source(local_source, src)
+    else:
+        fetch_source(pin, src)
     apply_patches(src)
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     jobs = jobs or os.cpu_count() or 2

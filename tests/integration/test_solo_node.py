@@ -107,3 +107,10 @@ def test_bad_input_is_one_clear_line(tmp_path):
         busy.listen(1)
         out = meshctl("up", "--port", str(busy.getsockname()[1]), home=home)
     assert out.returncode == 2 and "unavailable" in out.stderr and "--port" in out.stderr
+
+
+def test_a_request_arriving_while_llama_server_is_down_waits_and_succeeds(node):
+    os.kill(node.runner()["llama"]["pid"], signal.SIGKILL)
+    r = httpx.post(f"{node.api}/v1/chat/completions", timeout=120,
+                   json={"model": "any", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text
