@@ -1,8 +1,13 @@
 """Command lines for llama.cpp's processes — pure functions of the plan, so they are testable alone."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from common.binaries import Binaries
 from common.messages import ModelInfo, Plan
+
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 class NotReady(Exception):
@@ -31,7 +36,9 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
     if threads:
         args += ["--threads", str(threads)]
     if not model.has_chat_template and model.arch.startswith("gemma"):
-        args += ["--chat-template", "gemma"]  # such GGUFs (the default model among them) would get chatml
+        # Such GGUFs (the default model among them) would get chatml; `--chat-template gemma` is taken
+        # as a literal Jinja template by this llama.cpp, so we ship the template itself.
+        args += ["--chat-template-file", str(TEMPLATES / "gemma.jinja")]
     remote = [m for m in plan.members if m.node_id != me]
     if not remote:
         return args + ["--n-gpu-layers", "999"]

@@ -42,6 +42,12 @@ def test_plain_and_streamed_chat_completions(node):
     assert len(chunks) > 3 and text.strip()
 
 
+def test_chat_uses_the_models_turn_format(node):
+    r = httpx.post(f"{node.api}/v1/chat/completions", timeout=60,
+                   json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens"] >= 8  # wrapped in gemma's turn markers, not sent bare
+
+
 def test_completions_models_and_status(node):
     r = httpx.post(f"{node.api}/v1/completions", json={"prompt": "The sky is", "max_tokens": 8}, timeout=60)
     assert r.status_code == 200 and r.json()["choices"][0]["text"]

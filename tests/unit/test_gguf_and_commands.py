@@ -71,6 +71,15 @@ def test_gpu_host_lists_its_own_device_first():
     assert flag(args, "--tensor-split") == "0.600,0.400"
 
 
+def test_gemma_without_a_template_gets_ours():
+    bare = MODEL.model_copy(update={"has_chat_template": False})
+    args = llama_server_args(BINS, 8080, bare, plan(("me", 1.0)), "me", {}, backend="cpu", ctx_size=4096, threads=None)
+    template = Path(flag(args, "--chat-template-file"))
+    assert template.is_file() and "<start_of_turn>" in template.read_text()
+    assert "--chat-template-file" not in llama_server_args(BINS, 8080, MODEL, plan(("me", 1.0)), "me", {},
+                                                           backend="cpu", ctx_size=4096, threads=None)
+
+
 def test_missing_tunnel_means_not_ready():
     with pytest.raises(NotReady, match="w1"):
         llama_server_args(BINS, 8080, MODEL, plan(("me", 0.5), ("w1", 0.5)), "me", {}, backend="cpu", ctx_size=4096,
