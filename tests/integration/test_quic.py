@@ -24,6 +24,7 @@ if str(REPO) not in sys.path:
 
 from common.identity import NodeIdentity  # noqa: E402
 from common.quic import AuthError, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection  # noqa: E402
+from tests.support.procs import wait_for_condition
 
 ALPN = "mesh-test/1"
 pytestmark = pytest.mark.timeout(90)
@@ -42,14 +43,6 @@ async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 def serve_echo(connection: QuicPeerConnection) -> None:
     connection.on_stream = echo
-
-
-async def wait_for_condition(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def exchange(connection: QuicPeerConnection, payload: bytes) -> bytes:

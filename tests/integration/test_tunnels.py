@@ -22,6 +22,7 @@ if str(REPO) not in sys.path:
 
 from common.identity import NodeIdentity  # noqa: E402
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService  # noqa: E402
+from tests.support.procs import wait_for_condition
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -69,14 +70,6 @@ async def refused_through(port: int) -> bytes:
         data = b""
     writer.close()
     return data
-
-
-async def wait_for_condition(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

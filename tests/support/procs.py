@@ -1,6 +1,7 @@
 """Free ports, polling with a deadline, and killing whole process trees."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -31,6 +32,15 @@ def wait_until(condition: Callable[[], T], *, timeout: float, interval: float = 
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
         time.sleep(interval)
+
+
+async def wait_for_condition(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """`wait_until` for coroutines: poll without blocking the event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 def kill_process_tree(proc: subprocess.Popen | int, *, grace: float = 5.0) -> None:
