@@ -146,13 +146,20 @@ def cmd_down(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not process_alive(pid):
             print("node stopped")
             return 0
         time.sleep(0.2)
     raise UsageError(f"supervisord (pid {pid}) did not stop within 40 s; kill it with `kill {pid}`")
+
+
+def process_alive(pid: int) -> bool:
+    # A foreground `meshctl up` exec'd into supervisord: once stopped it stays a zombie until its
+    # parent reaps it, and a zombie has stopped.
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # --- status / token / join / logs ------------------------------------------------------------------

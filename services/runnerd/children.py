@@ -90,6 +90,12 @@ class Child:
         except ProcessLookupError:
             pass
 
+    def log_size(self) -> int:
+        try:
+            return self.log_file.stat().st_size
+        except OSError:
+            return 0
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_file.read_text(errors="replace").splitlines()

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Callable
 
 import httpx
 
@@ -28,6 +29,8 @@ from services.runnerd.memory import detect_memory
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
+STABLE_AFTER_S = 60  # a llama-server that served this long before dying starts a fresh back-off
+LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 
 
 class Runnerd:
@@ -138,7 +141,7 @@ class Runnerd:
             return None, str(exc)
 
     async def keep_llama_server(self) -> None:
-        restarts = 0
+        restarts, ready_at = 0, time.monotonic()
         while True:
             self._plan_changed.clear()
             wanted, why = self.desired_llama_spec()
@@ -153,10 +156,15 @@ class Runnerd:
                 await self._plan_changed.wait()
                 continue
             if not running:
-                if not await self.start_llama(wanted, restarts):
+                outcome = await self.start_llama(wanted, restarts)
+                if outcome == "plan changed":
+                    restarts = 0
+                    continue
+                if outcome != "ready":
                     restarts += 1
                     await asyncio.sleep(RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)])
                     continue
+                ready_at = time.monotonic()
             # Serving: wake on a plan change or the child's death.
             died = asyncio.ensure_future(self.llama.wait())
             changed = asyncio.ensure_future(self._plan_changed.wait())
@@ -165,6 +173,8 @@ class Runnerd:
             if died.done():
                 detail = f"llama-server {self.llama.exit_description()}: {self.llama.log_tail(2)}"
                 log.warning("%s; restarting", detail)
+                if time.monotonic() - ready_at > STABLE_AFTER_S:
+                    restarts = 0  # it had been serving well: this death is news, not a crash loop
                 restarts += 1
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
@@ -172,7 +182,9 @@ class Runnerd:
             else:
                 died.cancel()
 
-    async def start_llama(self, spec: list[str], restarts: int) -> bool:
+    async def start_llama(self, spec: list[str], restarts: int) -> str:
+        """Start llama-server and wait for /health: "ready", "plan changed" (stopped, start the new one),
+        or a failure ("died", "stalled")."""
         port = free_loopback_port()
         args = list(spec)
         args[args.index("--port") + 1] = str(port)
@@ -181,18 +193,23 @@ class Runnerd:
         started = time.monotonic()
         self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason))
         self.llama.start()
-        healthy = await _wait_health(port, self.llama, timeout=600)
-        if not healthy:
-            detail = f"llama-server did not become healthy ({self.llama.exit_description()}): {self.llama.log_tail(3)}"
+        outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec)
+        if outcome == "plan changed":
+            log.info("plan changed while llama-server was loading; starting over")
+            await self.llama.stop()
+            return outcome
+        if outcome != "ready":
+            detail = f"llama-server {outcome} before it was ready ({self.llama.exit_description()}): " \
+                     f"{self.llama.log_tail(3)}"
             log.error("%s", detail)
             await self.llama.stop()
             self.update(llama=ChildState(state="failed", port=port, restarts=restarts + 1, detail=detail),
                         llama_plan_key="")
-            return False
+            return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
         self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
                                      detail=self.plan.reason), llama_plan_key=self.plan.key)
-        return True
+        return outcome
 
     # --- control and lifecycle -------------------------------------------------------------------
 
@@ -239,17 +256,27 @@ async def _wait_port(port: int, child: Child, timeout: float) -> bool:
     return False
 
 
-async def _wait_health(port: int, child: Child, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
+async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]) -> str:
+    """Poll /health until "ready"; give up on "died", "plan changed", or "stalled": no new log output
+    for LOAD_STALL_S (a load blocked on a peer that stopped answering would otherwise wait forever)."""
+    last_size, last_progress = -1, time.monotonic()
     async with httpx.AsyncClient(timeout=2.0) as client:
-        while time.monotonic() < deadline and child.running():
+        while True:
+            if not child.running():
+                return "died"
+            if not still_wanted():
+                return "plan changed"
             try:
                 if (await client.get(f"http://127.0.0.1:{port}/health")).status_code == 200:
-                    return True
+                    return "ready"
             except httpx.HTTPError:
                 pass
+            size = child.log_size()
+            if size != last_size:
+                last_size, last_progress = size, time.monotonic()
+            elif time.monotonic() - last_progress > LOAD_STALL_S:
+                return "stalled"
             await asyncio.sleep(0.2)
-    return False
 
 
 def main() -> None:

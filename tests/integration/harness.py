@@ -15,6 +15,8 @@ from common import addresses
 from tests.support.procs import free_port, kill_process_tree, wait_until
 
 MESHCTL = [sys.executable, "-m", "meshctl.cli"]
+STARTED: list["Node"] = []  # nodes started by the running test, for its failure report (conftest.py)
+RECOVERIES: list[dict] = []  # fault → recovery rows, printed at the end of the run (conftest.py)
 
 
 def meshctl(*args: str, home: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -29,6 +31,7 @@ class Node:
         self.home, self.extra, self.env, self.netns = home, extra or [], env or {}, netns
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
+        self.stopped_at: float | None = None  # wall clock of the last stop or kill
 
     @property
     def api(self) -> str:
@@ -41,6 +44,9 @@ class Node:
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]
         self.home.mkdir(parents=True, exist_ok=True)
+        self.stopped_at = None
+        if self not in STARTED:
+            STARTED.append(self)
         self.proc = subprocess.Popen(args, env=env, stdout=open(self.home / "meshctl-up.out", "ab"),
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self
@@ -94,6 +100,23 @@ class Node:
     def runner(self) -> dict:
         return self.status().get("runnerd", {})
 
+    def kill(self) -> None:
+        """The whole node dies at once (power cut, laptop lid): SIGKILL to supervisord and everything under it."""
+        if self.proc is None:
+            return
+        try:
+            root = psutil.Process(self.proc.pid)
+            family = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            family = []
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait(timeout=10)
+        self.proc, self.stopped_at = None, time.time()
+
     def stop(self) -> None:
         if self.proc is None:
             return
@@ -107,4 +130,45 @@ class Node:
                     kill_process_tree(pid, grace=5)
             except (OSError, ValueError, psutil.Error):
                 pass
-        self.proc = None
+        self.proc, self.stopped_at = None, time.time()
+
+
+class RequestLoop:
+    """tests/support/request_loop.py against a node's API (inside its namespace if it has one)."""
+
+    def __init__(self, node: Node, out: Path, *, stream: bool = False):
+        self.out = out
+        args = [sys.executable, "-m", "tests.support.request_loop", f"{node.api}/v1/chat/completions", str(out)]
+        if stream:
+            args.append("--stream")
+        if node.netns:
+            args = ["ip", "netns", "exec", node.netns, *args]
+        out.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2])
+
+    def outcomes(self):
+        from tests.support.request_loop import read_outcomes
+        return read_outcomes(self.out)
+
+    def stop(self):
+        """Let the request in flight finish (it may be waiting for a host), then the outcomes."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=330)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("a request hung: the loop did not stop within 330 s")
+        return self.outcomes()
+
+
+def record_recovery(fault: str, outcomes, since: float, back_to_full_s: float | None) -> dict:
+    """One row of the recovery table; the caller asserts on `lost`."""
+    from tests.support.request_loop import longest_outage
+    after = [o for o in outcomes if o.end >= since]
+    row = {"fault": fault, "requests": len(after), "lost": sum(not o.ok for o in after),
+           "outage_s": round(longest_outage(outcomes, since), 1),
+           "back_to_full_s": round(back_to_full_s, 1) if back_to_full_s is not None else None,
+           "errors": sorted({o.detail[:120] for o in after if not o.ok})[:3]}
+    RECOVERIES.append(row)
+    print(row)
+    return row
