@@ -116,6 +116,9 @@ class MeshState(Message):
     me: Announcement | None = None
     peers: list[PeerView] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
+    # False while a (re)started meshd is still reconnecting to the members it knew: until then its
+    # peer list is short by those, and re-planning on it would restart llama-server for nothing.
+    settled: bool = False
 
 
 # --- gatewayd --------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ class Electd:
         return self.plan
 
     def on_mesh(self, state: MeshState) -> None:
+        if not state.settled:
+            return  # a restarted meshd that has not found the mesh again yet: keep the plan we have
         self.mesh = state
         self.reconsider()
 

@@ -40,15 +40,20 @@ class Gatewayd:
                                      bind_host=settings.bind_host, tcp_port=settings.data_port,
                                      quic_port=settings.data_port)
         self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
+        self.forward_addrs: dict[tuple[str, str], PeerDataAddrs] = {}  # where each forward dials the peer
         self._changed = asyncio.Event()
 
     # --- facts from the bus ------------------------------------------------------------------------
 
     def on_mesh(self, state: MeshState) -> None:
+        if not state.settled:
+            return  # a restarted meshd still reconnecting: keep the tunnels and upstream we have
         self.mesh = state
         self._changed.set()
 
     def on_plan(self, plan: Plan) -> None:
+        if plan.state == "starting":
+            return  # a restarted electd that has not decided yet: keep the tunnels of the plan we have
         self.plan = plan
         self._changed.set()
 
@@ -88,21 +93,30 @@ class Gatewayd:
                                          p.announcement.node_id))
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
-        key = (peer.announcement.node_id, kind)
-        if key not in self.forwards:
-            addrs = PeerDataAddrs(node_id=peer.announcement.node_id, tcp=list(peer.announcement.data_tcp),
-                                  quic=list(peer.announcement.data_quic))
-            try:
-                self.forwards[key] = await self.tunnels.open_forward(addrs, kind)
-                log.info("tunnel %s → %s (%s) on 127.0.0.1:%d", kind, key[0][:8], kind, self.forwards[key])
-            except Exception as exc:
-                log.warning("cannot open %s tunnel to %s: %s", kind, key[0][:8], exc)
-                return None
+        ann = peer.announcement
+        if not ann.data_tcp and not ann.data_quic:
+            return None  # its gatewayd has not said where it listens yet; the next announcement will
+        key = (ann.node_id, kind)
+        if key in self.forwards:
+            # The forward reads these on every new connection: a peer whose gatewayd restarted (new data
+            # ports) is reached through the same local port, so llama-server's --rpc stays valid.
+            addrs = self.forward_addrs[key]
+            addrs.tcp, addrs.quic = list(ann.data_tcp), list(ann.data_quic)
+            return self.forwards[key]
+        addrs = PeerDataAddrs(node_id=ann.node_id, tcp=list(ann.data_tcp), quic=list(ann.data_quic))
+        try:
+            self.forwards[key] = await self.tunnels.open_forward(addrs, kind)
+        except Exception as exc:
+            log.warning("cannot open %s tunnel to %s: %s", kind, key[0][:8], exc)
+            return None
+        self.forward_addrs[key] = addrs
+        log.info("tunnel %s → %s on 127.0.0.1:%d", kind, key[0][:8], self.forwards[key])
         return self.forwards[key]
 
     async def close_unwanted(self, wanted: set[tuple[str, str]]) -> None:
         for key in [k for k in self.forwards if k not in wanted]:
             port = self.forwards.pop(key)
+            self.forward_addrs.pop(key, None)
             await self.tunnels.close_forward(port)
             log.info("closed %s tunnel to %s", key[1], key[0][:8])
 

@@ -36,6 +36,7 @@ GOSSIP_INTERVAL_S = 1.0
 DIAL_BACKOFF_S = (1, 2, 5, 10, 20)
 MAX_GOSSIP_FRAME = 1 << 20
 FORGET_AFTER_FAILED_DIALS = 15  # about 5 minutes of backoff
+SETTLE_AFTER_START_S = 5.0  # longest a restarted meshd reports "not settled" while it redials known members
 
 try:
     VERSION = version("mesh-inference")
@@ -79,6 +80,8 @@ class Meshd:
         self.plan = Plan()
         self.seq = time.time_ns()
         self._my_announcement: Announcement | None = None
+        self.started = time.monotonic()
+        self._settled = False
 
     # --- persistent mesh secret --------------------------------------------------------------------
 
@@ -321,7 +324,15 @@ class Meshd:
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
                                   last_heard=self.last_heard.get(node_id, 0.0), status=status))
         return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, token=self.token(), listen=self.listen,
-                         me=self.announcement(), peers=peers, errors=self.errors)
+                         me=self.announcement(), peers=peers, errors=self.errors, settled=self.settled())
+
+    def settled(self) -> bool:
+        """Every member known from before this start is connected again or was tried once (or time ran out)."""
+        if not self._settled:
+            known = set(self.secret.known) - {self.me_id}
+            self._settled = time.monotonic() - self.started > SETTLE_AFTER_START_S or \
+                all(nid in self.links or nid in self.dial_failures for nid in known)
+        return self._settled
 
     def on_runner(self, state: RunnerState) -> None:
         self.runner = state

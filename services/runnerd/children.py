@@ -44,7 +44,10 @@ class Child:
             out.write(f"\n=== starting: {' '.join(self.args)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+                                         start_new_session=True, preexec_fn=_die_with_parent,
+                                         # keep Python's SIGPIPE=ignore: a client that hangs up mid-reply
+                                         # must be an error on that socket, not kill ggml-rpc-server
+                                         restore_signals=False)
         log.info("%s started (pid %d), log: %s", self.name, self.proc.pid, self.log_file)
 
     @property

@@ -29,7 +29,8 @@ from services.runnerd.memory import detect_memory
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
-STABLE_AFTER_S = 60  # a llama-server that served this long before dying starts a fresh back-off
+STABLE_AFTER_S = 10  # served this long before dying: not a crash loop, so the back-off starts over
+LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 
 
@@ -111,6 +112,8 @@ class Runnerd:
     # --- llama-server --------------------------------------------------------------------------
 
     def on_plan(self, plan: Plan) -> None:
+        if plan.state == "starting":
+            return  # a restarted electd that has not decided yet: keep serving the plan we have
         if plan != self.plan:
             self.plan = plan
             self._plan_changed.set()
@@ -148,7 +151,7 @@ class Runnerd:
             running = self.llama is not None and self.llama.running()
             if running and wanted != self.llama_spec:
                 log.info("stopping llama-server: %s", why)
-                await self.llama.stop()
+                await self.llama.stop(grace=LLAMA_STOP_GRACE_S)
                 running = False
             if wanted is None:
                 self.llama, self.llama_spec = None, None
@@ -162,7 +165,7 @@ class Runnerd:
                     continue
                 if outcome != "ready":
                     restarts += 1
-                    await asyncio.sleep(RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)])
+                    await self.back_off(restarts)
                     continue
                 ready_at = time.monotonic()
             # Serving: wake on a plan change or the child's death.
@@ -178,9 +181,17 @@ class Runnerd:
                 restarts += 1
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
-                await asyncio.sleep(RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)])
+                await self.back_off(restarts)
             else:
                 died.cancel()
+
+    async def back_off(self, restarts: int) -> None:
+        """Wait before the next start, but no longer than until the plan changes: that is news."""
+        delay = RESTART_BACKOFF_S[min(restarts - 1, len(RESTART_BACKOFF_S) - 1)]
+        try:
+            await asyncio.wait_for(self._plan_changed.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
 
     async def start_llama(self, spec: list[str], restarts: int) -> str:
         """Start llama-server and wait for /health: "ready", "plan changed" (stopped, start the new one),
@@ -196,13 +207,13 @@ class Runnerd:
         outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec)
         if outcome == "plan changed":
             log.info("plan changed while llama-server was loading; starting over")
-            await self.llama.stop()
+            await self.llama.stop(grace=LLAMA_STOP_GRACE_S)
             return outcome
         if outcome != "ready":
             detail = f"llama-server {outcome} before it was ready ({self.llama.exit_description()}): " \
                      f"{self.llama.log_tail(3)}"
             log.error("%s", detail)
-            await self.llama.stop()
+            await self.llama.stop(grace=LLAMA_STOP_GRACE_S)
             self.update(llama=ChildState(state="failed", port=port, restarts=restarts + 1, detail=detail),
                         llama_plan_key="")
             return outcome

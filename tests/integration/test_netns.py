@@ -8,15 +8,23 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import NamedTuple
 
 import pytest
 
-from tests.integration.harness import Node
+from tests.integration.harness import Node, RequestLoop, record_recovery
 from tests.support.procs import free_port, kill_process_tree, wait_until
 
 pytestmark = pytest.mark.slow
 A_ADDR, B_ADDR = "198.51.100.1", "198.51.100.2"
 RTT_MS = 10
+
+
+class Namespaces(NamedTuple):
+    a: str
+    b: str
+    dev_a: str  # A's end of the veth pair: down = the link between them is cut
+    dev_b: str
 
 
 def sh(*args: str) -> None:
@@ -39,14 +47,14 @@ def namespaces():
             sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             sh("ip", "-n", ns, "link", "set", dev, "up")
             sh("ip", "-n", ns, "link", "set", "lo", "up")
-        yield ns_a, ns_b
+        yield Namespaces(ns_a, ns_b, f"va{tag}", f"vb{tag}")
     finally:
         for ns in (ns_a, ns_b):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
 def test_split_across_namespaces_with_delay(namespaces, tmp_path):
-    ns_a, ns_b = namespaces
+    ns_a, ns_b = namespaces.a, namespaces.b
     b_data_port, relay_port = free_port(), free_port()
     # Host A dials worker B's data lane; B advertises a relay in A's namespace that adds the delay.
     relay = subprocess.Popen(["ip", "netns", "exec", ns_a, sys.executable, "-m", "tests.support.delay_relay",
@@ -75,6 +83,41 @@ def test_split_across_namespaces_with_delay(namespaces, tmp_path):
         for n in (a, b):
             n.stop()
         kill_process_tree(relay, grace=2)
+
+
+def test_partition_and_heal(namespaces, tmp_path):
+    """The link between A and B goes down: each side serves alone; it comes back: the split re-forms.
+    Requests to A during all of it wait or are retried; none is lost."""
+    a = Node(tmp_path / "a", netns=namespaces.a, extra=["--split", "--max-vram", "8G"])
+    b = Node(tmp_path / "b", netns=namespaces.b, extra=["--split", "--max-vram", "4G"])
+    try:
+        a.start()
+        b.start("--join", a.token())
+        ids = {a.node_id(), b.node_id()}
+        split = lambda: {m["node_id"] for m in a.status().get("electd", {}).get("members", [])} == ids \
+            and a.runner().get("llama_plan_key") == a.status().get("electd", {}).get("key")  # noqa: E731
+        wait_until(split, timeout=240, interval=0.5, what="the split across the namespaces")
+        loop = RequestLoop(a, tmp_path / "requests.jsonl")
+        wait_until(lambda: any(o.ok for o in loop.outcomes()), timeout=60, interval=0.3, what="a first answer")
+
+        cut_at = time.time()
+        sh("ip", "-n", namespaces.a, "link", "set", namespaces.dev_a, "down")
+        alone = lambda n: n.status().get("electd", {}).get("state") == "solo" \
+            and n.runner().get("llama", {}).get("state") == "ready"  # noqa: E731
+        wait_until(lambda: alone(a) and alone(b), timeout=120, interval=0.5, what="both sides serving alone")
+        record_recovery("partition: each side serves alone", loop.outcomes(), cut_at, time.time() - cut_at)
+        assert _try_chat(b), "the worker's side serves on its own"
+
+        healed_at = time.time()
+        sh("ip", "-n", namespaces.a, "link", "set", namespaces.dev_a, "up")
+        wait_until(split, timeout=180, interval=0.5, what="the split re-formed after the heal")
+        time.sleep(2)
+        row = record_recovery("partition healed: split again", loop.stop(), cut_at, time.time() - healed_at)
+        assert row["lost"] == 0, row
+    finally:
+        for n in (a, b):
+            n.stop()
+        subprocess.run(["ip", "-n", namespaces.a, "link", "set", namespaces.dev_a, "up"], capture_output=True)
 
 
 def _try_chat(node: Node) -> str | None:
