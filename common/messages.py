@@ -38,6 +38,14 @@ class ChildState(Message):
     detail: str = ""
 
 
+class WeightLoad(Message):
+    """How one worker got its weights in the last load: from its own GGUF, or sent over the tunnel."""
+    node_id: str
+    local_bytes: int = 0
+    sent_bytes: int = 0
+    misses: int = 0
+
+
 class RunnerState(Message):
     kind: Literal["runner_state"] = "runner_state"
     node_id: str = ""
@@ -49,6 +57,7 @@ class RunnerState(Message):
     rpc_loads_local_weights: bool = False
     llama: ChildState = Field(default_factory=ChildState)
     llama_plan_key: str = ""
+    weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
     error: str | None = None
     status: str = ""
 

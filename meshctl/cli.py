@@ -205,6 +205,9 @@ def render_status(status: dict) -> str:
     if "rpc" in runner:
         lines.append(f"rpc-server: {runner['rpc']['state']} (port {runner['rpc'].get('port')})  "
                      f"llama-server: {runner['llama']['state']} {runner['llama'].get('detail', '')}")
+    for w in runner.get("weights", []):
+        lines.append(f"weights of {w['node_id'][:8]}: {w['local_bytes'] / 1e6:.1f} MB from its own GGUF, "
+                     f"{w['sent_bytes'] / 1e6:.1f} MB sent" + (f" ({w['misses']} tensors missed)" if w["misses"] else ""))
     if runner.get("memory_bytes"):
         lines.append(f"memory offered: {gb(runner['memory_bytes'])} ({runner.get('memory_source')})")
     if "upstream" in gateway:

@@ -99,6 +99,14 @@ class Child:
         except OSError:
             return 0
 
+    def log_text(self, start: int = 0) -> str:
+        try:
+            with open(self.log_file, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 5) -> str:
         try:
             text = self.log_file.read_text(errors="replace").splitlines()

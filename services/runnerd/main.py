@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import time
 from typing import Callable
@@ -21,7 +22,8 @@ from common.bus import ServiceBus
 from common.default_model import ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.logs import setup_logging
-from common.messages import ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest
+from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
+                             WeightLoad)
 from common.settings import Settings, load_settings
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
@@ -155,7 +157,7 @@ class Runnerd:
                 running = False
             if wanted is None:
                 self.llama, self.llama_spec = None, None
-                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="")
+                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="", weights=[])
                 await self._plan_changed.wait()
                 continue
             if not running:
@@ -203,6 +205,7 @@ class Runnerd:
         self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"))
         started = time.monotonic()
         self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason))
+        log_start = self.llama.log_size()
         self.llama.start()
         outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec)
         if outcome == "plan changed":
@@ -218,8 +221,13 @@ class Runnerd:
                         llama_plan_key="")
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
+        weights = weight_loads(self.llama.log_text(log_start), self.gateway.rpc_forwards)
+        for w in weights:
+            if w.misses:
+                log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the tunnel",
+                            w.node_id[:8], w.misses, w.sent_bytes)
         self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
-                                     detail=self.plan.reason), llama_plan_key=self.plan.key)
+                                     detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights)
         return outcome
 
     # --- control and lifecycle -------------------------------------------------------------------
@@ -248,6 +256,23 @@ class Runnerd:
             if child:
                 await child.stop()
         self.bus.close()
+
+
+GGUF_SUMMARY = re.compile(r"rpc-gguf: summary hits=(\d+) misses=(\d+) hit_bytes=(\d+) miss_bytes=(\d+) "
+                          r"endpoint=[\d.]+:(\d+)")
+
+
+def weight_loads(llama_log: str, rpc_forwards: dict[str, int]) -> list[WeightLoad]:
+    """Sum the patch's per-endpoint load summaries and name each endpoint's worker by its forward port."""
+    node_by_port = {port: node_id for node_id, port in rpc_forwards.items()}
+    loads: dict[str, WeightLoad] = {}
+    for _, misses, hit_bytes, miss_bytes, port in GGUF_SUMMARY.findall(llama_log):
+        node_id = node_by_port.get(int(port), f"127.0.0.1:{port}")
+        w = loads.setdefault(node_id, WeightLoad(node_id=node_id))
+        w.local_bytes += int(hit_bytes)
+        w.sent_bytes += int(miss_bytes)
+        w.misses += int(misses)
+    return list(loads.values())
 
 
 def _detect_backend() -> str:

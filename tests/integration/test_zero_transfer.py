@@ -55,6 +55,9 @@ def test_split_loads_weights_locally_and_other_models_are_excluded(tmp_path):
         wait_until(lambda: a.runner().get("llama", {}).get("state") == "ready", timeout=240, interval=0.5,
                    what="the host's llama-server loaded over the split")
         assert a.runner()["rpc_loads_local_weights"]
+        loads = {w["node_id"]: w for w in a.runner()["weights"]}
+        assert loads[ids["b"]]["local_bytes"] > 0 and loads[ids["b"]]["sent_bytes"] == 0, loads
+        assert "from its own GGUF" in meshctl("status", home=a.home).stdout
         tunnel = next(t for t in a.status()["gatewayd"]["tunnels"] if t["node_id"] == ids["b"])
         moved = tunnel["bytes_in"] + tunnel["bytes_out"]
         size = model.stat().st_size

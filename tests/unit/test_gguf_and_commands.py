@@ -84,3 +84,13 @@ def test_missing_tunnel_means_not_ready():
     with pytest.raises(NotReady, match="w1"):
         llama_server_args(BINS, 8080, MODEL, plan(("me", 0.5), ("w1", 0.5)), "me", {}, backend="cpu", ctx_size=4096,
                           threads=None)
+
+
+def test_weight_loads_sum_the_patch_summaries_per_worker():
+    from services.runnerd.main import weight_loads
+    log_text = ("0.01 W rpc-gguf: summary hits=60 misses=0 hit_bytes=1000 miss_bytes=0 endpoint=127.0.0.1:4001\n"
+                "0.02 W rpc-gguf: summary hits=5 misses=2 hit_bytes=100 miss_bytes=50 endpoint=127.0.0.1:4001\n"
+                "0.03 W rpc-gguf: summary hits=1 misses=0 hit_bytes=7 miss_bytes=0 endpoint=127.0.0.1:4999\n")
+    loads = {w.node_id: w for w in weight_loads(log_text, {"worker-b": 4001})}
+    assert (loads["worker-b"].local_bytes, loads["worker-b"].sent_bytes, loads["worker-b"].misses) == (1100, 50, 2)
+    assert loads["127.0.0.1:4999"].local_bytes == 7  # no forward known for it: named by its endpoint
