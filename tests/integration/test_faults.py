@@ -146,7 +146,7 @@ def test_a_flapping_worker_loses_no_request(mesh, tmp_path):
     """B dies (kill -9, like a laptop lid) and comes back every 30 s; MESH_FLAP_SECONDS sets how long."""
     settled(mesh)
     b = mesh["b"]
-    duration = float(os.environ.get("MESH_FLAP_SECONDS", "120"))
+    duration = float(os.environ.get("MESH_FLAP_SECONDS", "300"))
     loop = RequestLoop(mesh["c"], tmp_path / "requests.jsonl")
     started = time.time()
     flaps = 0

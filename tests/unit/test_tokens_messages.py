@@ -51,3 +51,22 @@ def test_messages_round_trip_through_the_one_decoder():
 def test_unknown_kinds_are_rejected():
     with pytest.raises(Exception):
         decode(b'{"kind": "nope"}')
+
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=70),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                     max_leaves=8)
+
+
+@settings(max_examples=300)
+@given(st.dictionaries(st.sampled_from(["v", "mesh", "secret", "node", "addrs"]), _json))
+def test_fuzzed_token_payloads_are_refused_or_valid(payload):
+    """Well-formed base64 JSON with every field of the wrong type or shape: a TokenError, never a crash."""
+    import base64
+    import json
+    text = base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
+    try:
+        token = decode_token(text)
+    except TokenError:
+        return
+    assert token.mesh_id and token.secret and token.node_id
