@@ -11,7 +11,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import Awaitable, Callable
+from typing import Callable
 
 import httpx
 from fastapi import FastAPI, Request

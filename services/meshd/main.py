@@ -315,7 +315,6 @@ class Meshd:
 
     def current_state(self) -> MeshState:
         peers = []
-        now = time.time()
         for node_id, ann in sorted(self.view.items()):
             links = self.links.get(node_id, [])
             rtt = next((l.conn.rtt() for l in links if l.conn.rtt() is not None), None)
