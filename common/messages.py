@@ -147,6 +147,7 @@ class GatewayState(Message):
     data_tcp: list[Address] = Field(default_factory=list)
     data_quic: list[Address] = Field(default_factory=list)
     rpc_forwards: dict[str, int] = Field(default_factory=dict)  # worker node id -> loopback port on this host
+    forwards_moved: int = 0  # bumped when a forward's peer moved to new data ports: worth retrying now
     upstream: str = ""  # "local", a host node id, or "" while there is none
     tunnels: list[TunnelStats] = Field(default_factory=list)
     requests_served: int = 0

@@ -101,7 +101,10 @@ class Gatewayd:
             # The forward reads these on every new connection: a peer whose gatewayd restarted (new data
             # ports) is reached through the same local port, so llama-server's --rpc stays valid.
             addrs = self.forward_addrs[key]
-            addrs.tcp, addrs.quic = list(ann.data_tcp), list(ann.data_quic)
+            if (addrs.tcp, addrs.quic) != (list(ann.data_tcp), list(ann.data_quic)):
+                addrs.tcp, addrs.quic = list(ann.data_tcp), list(ann.data_quic)
+                self.state = self.state.model_copy(update={"forwards_moved": self.state.forwards_moved + 1})
+                self.bus.state_changed()
             return self.forwards[key]
         addrs = PeerDataAddrs(node_id=ann.node_id, tcp=list(ann.data_tcp), quic=list(ann.data_quic))
         try:

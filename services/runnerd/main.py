@@ -31,7 +31,6 @@ from services.runnerd.memory import detect_memory
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
-STABLE_AFTER_S = 10  # served this long before dying: not a crash loop, so the back-off starts over
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 
@@ -121,8 +120,8 @@ class Runnerd:
             self._plan_changed.set()
 
     def on_gateway(self, state: GatewayState) -> None:
-        if state.rpc_forwards != self.gateway.rpc_forwards:
-            self._plan_changed.set()
+        if state.rpc_forwards != self.gateway.rpc_forwards or state.forwards_moved != self.gateway.forwards_moved:
+            self._plan_changed.set()  # a worker is reachable again (or elsewhere): retry without waiting
         self.gateway = state
 
     def on_mesh(self, state: MeshState) -> None:
@@ -146,7 +145,7 @@ class Runnerd:
             return None, str(exc)
 
     async def keep_llama_server(self) -> None:
-        restarts, ready_at = 0, time.monotonic()
+        restarts = 0
         while True:
             self._plan_changed.clear()
             wanted, why = self.desired_llama_spec()
@@ -169,7 +168,6 @@ class Runnerd:
                     restarts += 1
                     await self.back_off(restarts)
                     continue
-                ready_at = time.monotonic()
             # Serving: wake on a plan change or the child's death.
             died = asyncio.ensure_future(self.llama.wait())
             changed = asyncio.ensure_future(self._plan_changed.wait())
@@ -178,9 +176,7 @@ class Runnerd:
             if died.done():
                 detail = f"llama-server {self.llama.exit_description()}: {self.llama.log_tail(2)}"
                 log.warning("%s; restarting", detail)
-                if time.monotonic() - ready_at > STABLE_AFTER_S:
-                    restarts = 0  # it had been serving well: this death is news, not a crash loop
-                restarts += 1
+                restarts = 1  # it was serving: its death is news (a peer went away), not a crash loop
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
                 await self.back_off(restarts)
