@@ -99,9 +99,11 @@ def fetch_source(pin: dict, dest: Path) -> None:
     if not sdist.exists() or sha256_of(sdist) != pin["sha256"]:
         say(f"downloading {pin['package']}=={pin['version']} source from the package registry")
         with tempfile.TemporaryDirectory() as tmp:
+            # pip reads an sdist's metadata through its build backend (scikit-build-core), which it
+            # fetches into an isolated env: --no-build-isolation would need it in our venv
             subprocess.run(
                 [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                 "--no-build-isolation", "-q", "-d", tmp, f"{pin['package']}=={pin['version']}"],
+                 "-q", "-d", tmp, f"{pin['package']}=={pin['version']}"],
                 check=True,
             )
             got = Path(tmp) / pin["sdist"]
