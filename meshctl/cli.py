@@ -50,7 +50,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def supervisord_pid(home: Path) -> int | None:
-    """The pid of this home's running supervisord; a stale pidfile (crash, reused pid) counts as none."""
+    """The pid of this home's running supervisord; a stale pidfile (crash, reused pid) counts as none,
+    and so does a stopped one a foreground `meshctl up`'s parent has not reaped yet (a zombie)."""
     try:
         pid = int(addresses.supervisord_pidfile(home).read_text().strip())
         proc = psutil.Process(pid)
@@ -146,20 +147,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 40
     while time.monotonic() < deadline:
-        if not process_alive(pid):
+        if supervisord_pid(home) != pid:
             print("node stopped")
             return 0
         time.sleep(0.2)
     raise UsageError(f"supervisord (pid {pid}) did not stop within 40 s; kill it with `kill {pid}`")
-
-
-def process_alive(pid: int) -> bool:
-    # A foreground `meshctl up` exec'd into supervisord: once stopped it stays a zombie until its
-    # parent reaps it, and a zombie has stopped.
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # --- status / token / join / logs ------------------------------------------------------------------

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ import psutil
 
 from common import addresses
 from tests.support.procs import free_port, kill_process_tree, wait_until
+from tests.support.request_loop import longest_outage, read_outcomes
 
 MESHCTL = [sys.executable, "-m", "meshctl.cli"]
 STARTED: list["Node"] = []  # nodes started by the running test, for its failure report (conftest.py)
@@ -104,17 +106,7 @@ class Node:
         """The whole node dies at once (power cut, laptop lid): SIGKILL to supervisord and everything under it."""
         if self.proc is None:
             return
-        try:
-            root = psutil.Process(self.proc.pid)
-            family = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            family = []
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        self.proc.wait(timeout=10)
+        kill_process_tree(self.proc, grace=10, first=signal.SIGKILL)
         self.proc, self.stopped_at = None, time.time()
 
     def stop(self) -> None:
@@ -136,18 +128,15 @@ class Node:
 class RequestLoop:
     """tests/support/request_loop.py against a node's API (inside its namespace if it has one)."""
 
-    def __init__(self, node: Node, out: Path, *, stream: bool = False):
+    def __init__(self, node: Node, out: Path):
         self.out = out
         args = [sys.executable, "-m", "tests.support.request_loop", f"{node.api}/v1/chat/completions", str(out)]
-        if stream:
-            args.append("--stream")
         if node.netns:
             args = ["ip", "netns", "exec", node.netns, *args]
         out.unlink(missing_ok=True)
         self.proc = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[2])
 
     def outcomes(self):
-        from tests.support.request_loop import read_outcomes
         return read_outcomes(self.out)
 
     def stop(self):
@@ -163,7 +152,6 @@ class RequestLoop:
 
 def record_recovery(fault: str, outcomes, since: float, back_to_full_s: float | None) -> dict:
     """One row of the recovery table; the caller asserts on `lost`."""
-    from tests.support.request_loop import longest_outage
     after = [o for o in outcomes if o.end >= since]
     row = {"fault": fault, "requests": len(after), "lost": sum(not o.ok for o in after),
            "outage_s": round(longest_outage(outcomes, since), 1),

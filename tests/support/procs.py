@@ -43,8 +43,9 @@ async def wait_for_condition(condition: Callable[[], object], timeout: float, wh
         await asyncio.sleep(0.02)
 
 
-def kill_process_tree(proc: subprocess.Popen | int, *, grace: float = 5.0) -> None:
-    """SIGTERM a process and all its descendants, then SIGKILL whatever is left after `grace` s.
+def kill_process_tree(proc: subprocess.Popen | int, *, grace: float = 5.0,
+                      first: signal.Signals = signal.SIGTERM) -> None:
+    """`first` (SIGTERM) to a process and all its descendants, then SIGKILL whatever is left after `grace` s.
 
     Descendants are collected before the signal, so children re-parented on the parent's death
     are still reached.
@@ -57,7 +58,7 @@ def kill_process_tree(proc: subprocess.Popen | int, *, grace: float = 5.0) -> No
         family = []
     for p in family:
         try:
-            p.send_signal(signal.SIGTERM)
+            p.send_signal(first)
         except psutil.NoSuchProcess:
             pass
     _, alive = psutil.wait_procs(family, timeout=grace)

@@ -24,7 +24,7 @@ class Outcome:
     detail: str
 
 
-def run(url: str, out_path: str, interval: float, max_tokens: int, stream: bool) -> None:
+def run(url: str, out_path: str, interval: float, max_tokens: int) -> None:
     stopping = False
 
     def stop(*_):
@@ -32,34 +32,19 @@ def run(url: str, out_path: str, interval: float, max_tokens: int, stream: bool)
         stopping = True
     signal.signal(signal.SIGTERM, stop)
     body = {"model": "any", "messages": [{"role": "user", "content": "Say one word."}], "temperature": 0,
-            "max_tokens": max_tokens, "stream": stream}
+            "max_tokens": max_tokens}
     with httpx.Client(timeout=httpx.Timeout(300.0, connect=10.0)) as client, open(out_path, "a") as out:
         while not stopping:
             start = time.time()
             try:
-                if stream:
-                    ok, detail = read_stream(client, url, body)
-                else:
-                    r = client.post(url, json=body)
-                    ok = r.status_code == 200 and bool(r.json().get("choices"))
-                    detail = "" if ok else f"{r.status_code} {r.text[:200]}"
+                r = client.post(url, json=body)
+                ok = r.status_code == 200 and bool(r.json().get("choices"))
+                detail = "" if ok else f"{r.status_code} {r.text[:200]}"
             except httpx.HTTPError as exc:
                 ok, detail = False, f"{type(exc).__name__}: {exc}"
             out.write(json.dumps(Outcome(start, time.time(), ok, detail).__dict__) + "\n")
             out.flush()
             time.sleep(interval)
-
-
-def read_stream(client: httpx.Client, url: str, body: dict) -> tuple[bool, str]:
-    with client.stream("POST", url, json=body) as r:
-        if r.status_code != 200:
-            return False, f"{r.status_code} {r.read()[:200]!r}"
-        for line in r.iter_lines():
-            if line.startswith("data:") and '"error"' in line:
-                return False, line[:200]
-            if line.strip() == "data: [DONE]":
-                return True, ""
-    return False, "stream ended without [DONE]"
 
 
 def read_outcomes(path) -> list[Outcome]:
@@ -81,9 +66,8 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--interval", type=float, default=0.2)
     ap.add_argument("--max-tokens", type=int, default=4)
-    ap.add_argument("--stream", action="store_true")
     args = ap.parse_args()
-    run(args.url, args.out, args.interval, args.max_tokens, args.stream)
+    run(args.url, args.out, args.interval, args.max_tokens)
 
 
 if __name__ == "__main__":
