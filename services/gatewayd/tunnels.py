@@ -22,7 +22,6 @@ backpressure both ways.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -155,6 +154,30 @@ class _TlsSetup:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _accept_on_loop(listener: socket.socket, on_accept: Callable[[socket.socket], Any]) -> None:
+    """Accept from the event loop's reader callback. Not loop.sock_accept: cancelling that while the
+    kernel hands over a connection drops the connection (InvalidStateError in asyncio), and its
+    client then waits for a reply that never comes."""
+    def readable() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accepting a tunnel connection failed: %s", exc)
+                return
+            sock.setblocking(False)
+            _set_nodelay(sock)
+            on_accept(sock)
+    asyncio.get_running_loop().add_reader(listener.fileno(), readable)
+
+
+def _stop_accepting(listener: socket.socket) -> None:
+    asyncio.get_running_loop().remove_reader(listener.fileno())
+    listener.close()
 
 
 class _TlsPump:
@@ -463,7 +486,7 @@ class TunnelService:
         self._good_tcp_addr: dict[str, tuple[str, int]] = {}
         self._quic_connections: dict[str, QuicPeerConnection] = {}
         self._quic_dial_locks: dict[str, asyncio.Lock] = {}
-        self._forwards: dict[int, tuple[socket.socket, asyncio.Task]] = {}  # port -> listener, accept loop
+        self._forwards: dict[int, socket.socket] = {}  # port -> its listening socket
         self._splices: set[_Splice] = set()
         self._tasks: set[asyncio.Task] = set()
         self._tcp_listener: socket.socket | None = None
@@ -497,7 +520,7 @@ class TunnelService:
             listener.close()
             raise
         self._tcp_listener = listener
-        self._spawn(self._accept_loop(listener, lambda sock: self._spawn(self._serve_tls(sock))))
+        _accept_on_loop(listener, lambda sock: self._spawn(self._serve_tls(sock)))
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
                                   authorize=self._authorize_quic, on_connection=self._on_quic_connection)
         await self._quic.start()
@@ -515,7 +538,7 @@ class TunnelService:
         for task in list(self._tasks):
             task.cancel()
         if self._tcp_listener is not None:
-            self._tcp_listener.close()
+            _stop_accepting(self._tcp_listener)
             self._tcp_listener = None
         if self._quic is not None:
             await self._quic.close()
@@ -569,18 +592,15 @@ class TunnelService:
             self._splices.add(splice)
             splice.setup_task = self._spawn(self._connect_splice(splice, peer, kind))
 
-        self._forwards[port] = (listener, self._spawn(self._accept_loop(listener, new_local_connection)))
+        _accept_on_loop(listener, new_local_connection)
+        self._forwards[port] = listener
         return port
 
     async def close_forward(self, port: int) -> None:
-        entry = self._forwards.pop(port, None)
-        if entry is None:
+        listener = self._forwards.pop(port, None)
+        if listener is None:
             return
-        listener, accepting = entry
-        accepting.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await accepting  # its reader is off the listener before the listener is closed
-        listener.close()
+        _stop_accepting(listener)
         for splice in [s for s in self._splices if s.forward_port == port]:
             splice.close(abort=True)
 
@@ -762,23 +782,6 @@ class TunnelService:
         # connection_made pauses reading until the tunnel is attached
         await asyncio.wait_for(loop.create_connection(lambda: splice.local_side, target[0], target[1]),
                                TARGET_CONNECT_TIMEOUT)
-
-    async def _accept_loop(self, listener: socket.socket, on_accept: Callable[[socket.socket], Any]) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                sock, _ = await loop.sock_accept(listener)
-            except asyncio.CancelledError:
-                raise
-            except OSError as exc:
-                if self._closing or listener.fileno() < 0:
-                    return
-                log.warning("accepting a tunnel connection failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            sock.setblocking(False)
-            _set_nodelay(sock)
-            on_accept(sock)
 
     async def _serve_tls(self, sock: socket.socket) -> None:
         setup = _TlsSetup(sock, self._server_tls, server_side=True)
