@@ -3,8 +3,13 @@ two ggml-rpc-servers on 127.0.0.1 through each named path (bench/paths.py), at i
 run, same binaries, model and split (all layers offloaded, split 1:1). `local` is llama-server
 alone, for reference.
 
+Then the load of a two-node split as the mesh runs it (runnerd's own llama-server command line:
+the host keeps half of the model, one worker's ggml-rpc-server the other half) against a local
+load of the whole model, llama-server start -> /health ok, each repeated and interleaved.
+
     python -m bench.bench_rpc                                  # every path, RTT 0,5,10,20 ms
     python -m bench.bench_rpc --paths local,stock-direct --rtts 0,10 --quick
+    python -m bench.bench_rpc --paths local,stock-direct,mesh --rtts 0 --load-rtts 0,20
 
 Writes bench/results/latest.json and bench/results/latest.png (the plot only where matplotlib is
 installed). On a GPU machine, `--quiet-wait` and `--load-timeout` bound the waits of each run.
@@ -32,9 +37,13 @@ import psutil
 
 from bench.paths import PATHS
 from common.binaries import Binaries, BinariesError, find_binaries
+from common.gguf_info import inspect_gguf
+from common.messages import Plan, PlanMember
+from services.runnerd.commands import llama_server_args
 from tests.support.delay_relay import TrafficStats
 from tests.support.llama_procs import (DEFAULT_MODEL, ProcessDied, ServerProcess, start_llama_server,
                                        start_rpc_server, wait_until_healthy)
+from tests.support.procs import free_port, popen_in_own_session
 
 LOCAL = "local"
 BASELINE = "stock-direct"  # ratios are to this path; its 0 ms time per token is the bound's base
@@ -139,6 +148,25 @@ class RunResult:
 
 
 @dataclass
+class LoadResult:
+    """Loads of one setup of the two-node split: llama-server start -> /health ok, in seconds."""
+    label: str
+    path: str
+    rtt_ms: float
+    seconds: list[float] = field(default_factory=list)
+    bytes_to_worker: list[int] = field(default_factory=list)  # through the path's meters, where metered
+    error: str | None = None
+    median_s: float | None = None
+    vs_local: float | None = None
+
+
+# Load runs: the local reference and the two-node split through these paths (where asked for).
+LOAD_PATHS = ("stock-direct", "mesh")
+LOAD_REPEATS = 5
+HOST, WORKER = "host", "worker"
+
+
+@dataclass
 class Bench:
     bins: Binaries
     model: Path
@@ -209,6 +237,46 @@ class Bench:
                 result.traffic_decode = asdict(after_decode - before_decode)
                 result.traffic_total = asdict(traffic())
 
+    def load_split(self, result: LoadResult) -> None:
+        """One load of the model as runnerd starts it: alone (`local`), or as the host of a 50/50
+        split with one worker whose ggml-rpc-server it reaches through `result.path`."""
+        try:
+            self._load_split(result)
+        except NotImplementedError as e:
+            result.error = f"not implemented: {e}"
+        except (ProcessDied, TimeoutError, httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
+            result.error = f"{type(e).__name__}: {e}"
+
+    def _load_split(self, result: LoadResult) -> None:
+        model_info = inspect_gguf(self.model)
+        backend = "cuda" if gpu_names() else "cpu"
+        members = [PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5)]
+        slug = f"split-{result.label.replace('+', '_')}-{len(result.seconds)}"
+        with contextlib.ExitStack() as stack:
+            forwards, meters, our_pids = {}, [], []
+            if result.path != LOCAL:
+                members.append(PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5))
+                weights = self.model if result.path.startswith("mesh") and self.bins.loads_local_weights else None
+                worker = start_rpc_server(self.bins, self.log_dir, name=f"rpc-server-{slug}",
+                                          threads=self.rpc_threads, gguf=weights)
+                stack.callback(worker.stop)
+                our_pids.append(worker.proc.pid)
+                endpoints = stack.enter_context(PATHS[result.path].open([worker.address], result.rtt_ms))
+                forwards[WORKER] = endpoints[0][1]
+                meters = getattr(endpoints, "meters", [])
+            plan = Plan(state="split" if forwards else "solo", host=HOST, members=members)
+            port = free_port()
+            args = llama_server_args(self.bins, port, model_info, plan, HOST, forwards, backend=backend,
+                                     ctx_size=CTX_SIZE, threads=None)
+            wait_for_quiet(our_pids, timeout=self.quiet_wait_s)
+            log_path = self.log_dir / f"llama-server-{slug}.log"
+            llama = ServerProcess(f"llama-server-{slug}", popen_in_own_session(args, log_path=log_path),
+                                  "127.0.0.1", port, log_path)
+            stack.callback(llama.stop)
+            result.seconds.append(wait_until_healthy(llama, timeout=self.load_timeout_s))
+            if meters:
+                result.bytes_to_worker.append(sum(m.snapshot().bytes_to_server for m in meters))
+
     def _complete(self, llama: ServerProcess, client: httpx.Client, prompt: str | list[int],
                   *, n_predict: int) -> dict[str, Any]:
         """One /completion, greedy and uncached, exactly `n_predict` tokens; returns its timings."""
@@ -262,6 +330,30 @@ def derive(results: list[RunResult]) -> dict[str, Any]:
             r.decode_vs_bound = r.decode_median / r.bound_tps
     return {"baseline": BASELINE, "base_ms_per_token": 1000 / baseline.decode_median if baseline else None,
             "typical_round_trips_per_token": typical_round_trips}
+
+
+def derive_loads(loads: list[LoadResult]) -> None:
+    local = next((r for r in loads if r.path == LOCAL and r.seconds), None)
+    for r in loads:
+        r.median_s = statistics.median(r.seconds) if r.seconds else None
+    for r in loads:
+        if local and r.median_s:
+            r.vs_local = r.median_s / local.median_s
+
+
+def format_load_table(loads: list[LoadResult]) -> str:
+    width = max(len(r.label) for r in loads)
+    lines = [f"{'two-node split':<{width}}  {'load s':>6}  {'/ local':>7}  {'MB to worker':>12}  each run (s)",
+             "-" * (width + 50)]
+    for r in loads:
+        sent = statistics.median(r.bytes_to_worker) / 1e6 if r.bytes_to_worker else None
+        runs = " ".join(f"{t:.2f}" for t in r.seconds)
+        if r.error and not r.seconds:
+            lines.append(f"{r.label:<{width}}  {r.error}")
+        else:
+            lines.append(f"{r.label:<{width}}  {_fmt(r.median_s, '6.2f')}  {_fmt(r.vs_local, '7.2f')}  "
+                         f"{_fmt(sent, '12.1f')}  {runs}" + (f"  ({r.error})" if r.error else ""))
+    return "\n".join(lines)
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -366,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most this many seconds to wait for other programs to go quiet before each run")
     parser.add_argument("--load-timeout", type=float, default=LOAD_TIMEOUT_S,
                         help="seconds llama-server may take to load the model (a 7B over a slow path needs more)")
+    parser.add_argument("--load-repeats", type=int, default=LOAD_REPEATS,
+                        help="loads of each two-node split setup (median reported; 0: skip that part)")
+    parser.add_argument("--load-rtts", type=lambda s: _parse_list(s, float), default=[0.0, 20.0],
+                        help="injected round-trip delays in ms for the two-node split loads")
     args = parser.parse_args(argv)
 
     unknown = [p for p in args.paths if p != LOCAL and p not in PATHS]
@@ -392,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     # RTT-major order: every path sees the machine in about the same state at each RTT.
     plan += [(path, rtt) for rtt in args.rtts for path in args.paths if path != LOCAL]
 
+    load_paths = [p for p in args.paths if p in LOAD_PATHS] if args.load_repeats > 0 else []
+    loads = ([LoadResult(LOCAL, LOCAL, 0.0)] if load_paths else []) + [
+        LoadResult(path if rtt <= 0 else f"{path}+{rtt:g}ms", path, rtt) for rtt in args.load_rtts for path in load_paths]
+
     started, results = time.monotonic(), []
     try:
         for path, rtt in plan:
@@ -401,11 +501,18 @@ def main(argv: list[str] | None = None) -> int:
                                       f"load {result.load_s:.2f} s")
             print(f"[{time.monotonic() - started:6.1f}s] {result.label}: {status}", flush=True)
             results.append(result)
+        # Interleaved, so that every setup sees the machine in about the same state.
+        for _ in range(args.load_repeats if loads else 0):
+            for load in loads:
+                bench.load_split(load)
+                status = load.error or f"load {load.seconds[-1]:.2f} s"
+                print(f"[{time.monotonic() - started:6.1f}s] two-node split, {load.label}: {status}", flush=True)
     except KeyboardInterrupt:
         print("interrupted; reporting what was measured", file=sys.stderr)
     duration = time.monotonic() - started
 
     summary = derive(results)
+    derive_loads(loads)
     print()
     print(format_table(results))
     base = summary["base_ms_per_token"]
@@ -414,7 +521,13 @@ def main(argv: list[str] | None = None) -> int:
           f"RT/tok and B/tok: per extra decoded token (timed request minus a short one);\n"
           f"tunnel MB: through the path from start to the last request; "
           f"other = CPU cores used by other programs during the timed requests (noise indicator).")
-    print(f"{len(results)} runs in {duration:.0f} s; logs in {log_dir}")
+    if loads:
+        print()
+        print(format_load_table(loads))
+        print(f"\nload = llama-server start -> /health ok (includes llama.cpp's warm-up decode); the host keeps half "
+              f"of the model, the worker's ggml-rpc-server the other half (runnerd's command line); median of "
+              f"{args.load_repeats}; MB to worker: through the delay relay, where there is one.")
+    print(f"{len(results)} runs and {sum(len(r.seconds) for r in loads)} loads in {duration:.0f} s; logs in {log_dir}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {
@@ -428,12 +541,14 @@ def main(argv: list[str] | None = None) -> int:
         "workload": asdict(workload),
         **summary,
         "runs": [asdict(r) for r in results],
+        "split_loads": [asdict(r) for r in loads],
     }
     (args.out_dir / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
     plotted = any(not r.error for r in results) and plot(results, summary, args.out_dir / "latest.png")
     print(f"wrote {args.out_dir / 'latest.json'}"
           + (f" and {args.out_dir / 'latest.png'}" if plotted else " (no plot: matplotlib is not installed)"))
-    return 0 if results and all(r.error is None or r.error.startswith("not implemented") for r in results) else 1
+    failed = [r for r in [*results, *loads] if r.error and not r.error.startswith("not implemented")]
+    return 0 if (results or loads) and not failed else 1
 
 
 if __name__ == "__main__":

@@ -86,8 +86,9 @@ def local_completion(bin_dir: Path, model: Path, tmp_path_factory) -> str:
 def perturbed_model(model: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A copy of the model that differs from it in a few tensors: {name: expected miss reason}.
 
-    Two tensors keep their name and shape but get other bytes (the hash must catch them); one is
-    renamed in the tensor table (a same-length name, so the layout stays put).
+    Two tensors keep their name and shape but get other bytes all over, as in another fine-tune or
+    quantization (the hash must catch them); one is renamed in the tensor table (a same-length name,
+    so the layout stays put).
     """
     from gguf import GGUFReader
 
@@ -101,10 +102,10 @@ def perturbed_model(model: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     with open(out, "r+b") as f:
         for name in other_bytes:
             offset, n_bytes = where[name]
-            f.seek(offset + n_bytes // 2)
-            byte = f.read(1)[0]
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte ^ 0x5A]))
+            f.seek(offset)
+            flipped = bytes(b ^ 0x5A for b in f.read(n_bytes))
+            f.seek(offset)
+            f.write(flipped)
         f.seek(0)
         head = f.read(where[renamed][0])
         old = len(renamed).to_bytes(8, "little") + renamed.encode()
@@ -211,14 +212,15 @@ class RpcServer:
 class LlamaServer:
     """`llama-server` on 127.0.0.1, alone or with every layer on RPC devices; times its load."""
 
-    def __init__(self, bin_dir: Path, model: Path, log: Path, rpc: list[str] | None = None) -> None:
+    def __init__(self, bin_dir: Path, model: Path, log: Path, rpc: list[str] | None = None,
+                 extra_args: list[str] = ()) -> None:
         self.port = free_port()
         self.log = log
         # no warm-up: /health then marks the end of the load proper (the warm-up decode alone brings
         # ~2 MB of logits back from the rpc device: 262k-token vocabulary)
         self.args = [str(bin_dir / "llama-server"), "-m", str(model), "--host", "127.0.0.1",
                      "--port", str(self.port), "-c", "512", "-np", "1", "-t", "2", "--no-webui",
-                     "--no-warmup"]
+                     "--no-warmup", *extra_args]
         if rpc:
             self.args += ["--rpc", ",".join(rpc), "-ngl", "99"]
         else:
@@ -300,12 +302,14 @@ class RpcRun:
     server: GgufLog
 
 
-def run_over_rpc(bin_dir: Path, model: Path, logs: Path, rpc_gguf: Path | None) -> RpcRun:
+def run_over_rpc(bin_dir: Path, model: Path, logs: Path, rpc_gguf: Path | None,
+                 llama_args: list[str] = ()) -> RpcRun:
     """Load `model` in a llama-server whose every layer is on one rpc-server (given `rpc_gguf`)."""
     logs.mkdir(parents=True, exist_ok=True)
     with RpcServer(bin_dir, logs / "rpc-server.log", rpc_gguf) as rpc, \
             ByteCountingRelay(rpc.port) as relay, \
-            LlamaServer(bin_dir, model, logs / "llama-server.log", rpc=[f"127.0.0.1:{relay.port}"]) as server:
+            LlamaServer(bin_dir, model, logs / "llama-server.log", rpc=[f"127.0.0.1:{relay.port}"],
+                        extra_args=llama_args) as server:
         relayed, to_server = relay.total, relay.to_server  # everything up to /health ok
         completion = server.complete(PROMPT)
     return RpcRun(completion, relayed, to_server, server.load_s,
@@ -316,13 +320,17 @@ def run_over_rpc(bin_dir: Path, model: Path, logs: Path, rpc_gguf: Path | None) 
 # tests
 
 
-def test_weights_load_from_the_local_gguf(bin_dir, model, local_completion, tmp_path):
-    run = run_over_rpc(bin_dir, model, tmp_path, rpc_gguf=model)
+# mmap (llama.cpp's default): the loader offers the whole model to the server first and never reads
+# the server's share; without mmap every weight write asks the server first, with a hash of all its bytes.
+@pytest.mark.parametrize("load_mode", ["mmap", "none"])
+def test_weights_load_from_the_local_gguf(bin_dir, model, local_completion, tmp_path, load_mode):
+    run = run_over_rpc(bin_dir, model, tmp_path, rpc_gguf=model, llama_args=["--load-mode", load_mode])
     size = model.stat().st_size
-    print(f"\nlocal gguf: {run.relayed} bytes relayed during load ({run.relayed / size:.3%} of {size}), "
+    print(f"\nlocal gguf ({load_mode}): {run.relayed} bytes relayed during load ({run.relayed / size:.3%} of {size}), "
           f"{run.to_server} to the server, load {run.load_s:.2f} s")
 
     assert run.relayed < 0.01 * size
+    assert bool(run.server.of("offer")) == (load_mode == "mmap")  # which of the two ways it loaded
     server = run.server.totals()
     assert server["hits"] > 0 and server["misses"] == 0, run.server.lines
     assert run.client.of("miss") == [] and run.client.totals()["misses"] == 0
