@@ -180,12 +180,7 @@ class Bench:
     def run(self, path: str, rtt_ms: float) -> RunResult:
         label = path if rtt_ms <= 0 else f"{path}+{rtt_ms:g}ms"
         result = RunResult(label, path, rtt_ms)
-        try:
-            self._measure(result)
-        except NotImplementedError as e:
-            result.error = f"not implemented: {e}"
-        except (ProcessDied, TimeoutError, httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
-            result.error = f"{type(e).__name__}: {e}"
+        _record_error(result, self._measure)
         return result
 
     def _measure(self, result: RunResult) -> None:
@@ -240,12 +235,7 @@ class Bench:
     def load_split(self, result: LoadResult) -> None:
         """One load of the model as runnerd starts it: alone (`local`), or as the host of a 50/50
         split with one worker whose ggml-rpc-server it reaches through `result.path`."""
-        try:
-            self._load_split(result)
-        except NotImplementedError as e:
-            result.error = f"not implemented: {e}"
-        except (ProcessDied, TimeoutError, httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
-            result.error = f"{type(e).__name__}: {e}"
+        _record_error(result, self._load_split)
 
     def _load_split(self, result: LoadResult) -> None:
         model_info = inspect_gguf(self.model)
@@ -300,6 +290,16 @@ class Bench:
                 raise ValueError(f"prefill text gave {len(tokens)} tokens, need {n_tokens}")
             self.prefill_prompt = tokens[:n_tokens]
         return self.prefill_prompt
+
+
+def _record_error(result: RunResult | LoadResult, measure) -> None:
+    """Run `measure(result)`; a failure becomes `result.error` and the benchmark goes on."""
+    try:
+        measure(result)
+    except NotImplementedError as e:
+        result.error = f"not implemented: {e}"
+    except (ProcessDied, TimeoutError, httpx.HTTPError, OSError, RuntimeError, ValueError) as e:
+        result.error = f"{type(e).__name__}: {e}"
 
 
 def derive(results: list[RunResult]) -> dict[str, Any]:

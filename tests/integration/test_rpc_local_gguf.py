@@ -300,6 +300,7 @@ class RpcRun:
     load_s: float
     client: GgufLog
     server: GgufLog
+    connections: int  # that llama-server opened to the rpc-server
 
 
 def run_over_rpc(bin_dir: Path, model: Path, logs: Path, rpc_gguf: Path | None,
@@ -312,8 +313,9 @@ def run_over_rpc(bin_dir: Path, model: Path, logs: Path, rpc_gguf: Path | None,
                         extra_args=llama_args) as server:
         relayed, to_server = relay.total, relay.to_server  # everything up to /health ok
         completion = server.complete(PROMPT)
+    connections = (logs / "rpc-server.log").read_text(errors="replace").count("Accepted client connection")
     return RpcRun(completion, relayed, to_server, server.load_s,
-                  GgufLog.read(logs / "llama-server.log"), GgufLog.read(logs / "rpc-server.log"))
+                  GgufLog.read(logs / "llama-server.log"), GgufLog.read(logs / "rpc-server.log"), connections)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +333,7 @@ def test_weights_load_from_the_local_gguf(bin_dir, model, local_completion, tmp_
 
     assert run.relayed < 0.01 * size
     assert bool(run.server.of("offer")) == (load_mode == "mmap")  # which of the two ways it loaded
+    assert run.connections == 1  # kept for the whole load: each new one costs the tunnel round trips
     server = run.server.totals()
     assert server["hits"] > 0 and server["misses"] == 0, run.server.lines
     assert run.client.of("miss") == [] and run.client.totals()["misses"] == 0
