@@ -176,6 +176,8 @@ class Bench:
     prefill_prompt: list[int] | None = None  # token ids, made once with the first server's tokenizer
     quiet_wait_s: float = QUIET_WAIT_S
     load_timeout_s: float = LOAD_TIMEOUT_S
+    cold: bool = False  # two-node split loads start with an empty page cache
+    worker_model: Path | None = None  # the worker's copy of the model (default: the same file)
 
     def run(self, path: str, rtt_ms: float) -> RunResult:
         label = path if rtt_ms <= 0 else f"{path}+{rtt_ms:g}ms"
@@ -246,7 +248,8 @@ class Bench:
             forwards, meters, our_pids = {}, [], []
             if result.path != LOCAL:
                 members.append(PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5))
-                weights = self.model if result.path.startswith("mesh") and self.bins.loads_local_weights else None
+                own_copy = self.worker_model or self.model
+                weights = own_copy if result.path.startswith("mesh") and self.bins.loads_local_weights else None
                 worker = start_rpc_server(self.bins, self.log_dir, name=f"rpc-server-{slug}",
                                           threads=self.rpc_threads, gguf=weights)
                 stack.callback(worker.stop)
@@ -259,6 +262,8 @@ class Bench:
             args = llama_server_args(self.bins, port, model_info, plan, HOST, forwards, backend=backend,
                                      ctx_size=CTX_SIZE, threads=None)
             wait_for_quiet(our_pids, timeout=self.quiet_wait_s)
+            if self.cold:
+                drop_page_cache()
             log_path = self.log_dir / f"llama-server-{slug}.log"
             llama = ServerProcess(f"llama-server-{slug}", popen_in_own_session(args, log_path=log_path),
                                   "127.0.0.1", port, log_path)
@@ -290,6 +295,14 @@ class Bench:
                 raise ValueError(f"prefill text gave {len(tokens)} tokens, need {n_tokens}")
             self.prefill_prompt = tokens[:n_tokens]
         return self.prefill_prompt
+
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_page_cache() -> None:
+    os.sync()
+    DROP_CACHES.write_text("3\n")
 
 
 def _record_error(result: RunResult | LoadResult, measure) -> None:
@@ -462,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="loads of each two-node split setup (median reported; 0: skip that part)")
     parser.add_argument("--load-rtts", type=lambda s: _parse_list(s, float), default=[0.0, 20.0],
                         help="injected round-trip delays in ms for the two-node split loads")
+    parser.add_argument("--cold", action="store_true",
+                        help="empty the page cache before each two-node split load (needs root); the worker then "
+                             "reads its own copy of the model, as a second machine would (one disk serves both here)")
     args = parser.parse_args(argv)
 
     unknown = [p for p in args.paths if p != LOCAL and p not in PATHS]
@@ -477,13 +493,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_rpc: {e}", file=sys.stderr)
         return 2
 
+    if args.cold and not os.access(DROP_CACHES, os.W_OK):
+        print(f"bench_rpc: --cold writes {DROP_CACHES} to empty the page cache; run as root or drop --cold",
+              file=sys.stderr)
+        return 2
+
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     workload = QUICK_WORKLOAD if args.quick else Workload()
     if args.repeats:
         workload = replace(workload, repeats=args.repeats)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-rpc-logs-"))
     bench = Bench(bins, args.model, workload, log_dir, rpc_threads=args.rpc_threads,
-                  quiet_wait_s=args.quiet_wait, load_timeout_s=args.load_timeout)
+                  quiet_wait_s=args.quiet_wait, load_timeout_s=args.load_timeout, cold=args.cold)
+    if args.cold:
+        bench.worker_model = log_dir / f"worker-copy-{args.model.name}"
+        shutil.copyfile(args.model, bench.worker_model)
     plan = [(LOCAL, 0.0)] if LOCAL in args.paths else []
     # RTT-major order: every path sees the machine in about the same state at each RTT.
     plan += [(path, rtt) for rtt in args.rtts for path in args.paths if path != LOCAL]
@@ -509,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{time.monotonic() - started:6.1f}s] two-node split, {load.label}: {status}", flush=True)
     except KeyboardInterrupt:
         print("interrupted; reporting what was measured", file=sys.stderr)
+    finally:
+        if bench.worker_model:
+            bench.worker_model.unlink(missing_ok=True)
     duration = time.monotonic() - started
 
     summary = derive(results)
@@ -537,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model),
         "binaries": {"llama_server": str(bins.llama_server), "rpc_server": str(bins.rpc_server)},
         "setup": {"rpc_servers": N_RPC_SERVERS, "n_gpu_layers": 99, "tensor_split": [1] * N_RPC_SERVERS,
-                  "ctx_size": CTX_SIZE, "rpc_server_threads": args.rpc_threads or "default"},
+                  "ctx_size": CTX_SIZE, "rpc_server_threads": args.rpc_threads or "default",
+                  "split_loads_cold": args.cold},
         "workload": asdict(workload),
         **summary,
         "runs": [asdict(r) for r in results],

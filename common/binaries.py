@@ -20,6 +20,7 @@ class Binaries:
     rpc_server: Path
     llama_server: Path
     loads_local_weights: bool  # our patch: rpc-server loads weights from its own GGUF (--gguf)
+    has_fit: bool = False      # llama-server's --fit pass (on by default in builds since late 2025)
 
 
 @lru_cache(maxsize=1)
@@ -56,12 +57,13 @@ def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False) -> Bi
     if missing:
         raise BinariesError(f"{' and '.join(missing)} not found in {bin_dir}; build llama.cpp with -DGGML_RPC=ON "
                             f"or drop --bin-dir to use the project's own build")
-    return Binaries(rpc_server, llama_server, _supports_local_weights(rpc_server))
+    return Binaries(rpc_server, llama_server, loads_local_weights=_help_mentions(rpc_server, "--gguf"),
+                    has_fit=_help_mentions(llama_server, "--fit "))
 
 
-def _supports_local_weights(rpc_server: Path) -> bool:
+def _help_mentions(binary: Path, flag: str) -> bool:
     try:
-        out = subprocess.run([str(rpc_server), "--help"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return False
-    return "--gguf" in out.stdout + out.stderr
+    return flag in out.stdout + out.stderr

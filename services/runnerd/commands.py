@@ -35,6 +35,11 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
             "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name]
     if threads:
         args += ["--threads", str(threads)]
+    if binaries.has_fit:
+        # runnerd sets the context size and the layers itself, so llama.cpp's fit pass would change
+        # nothing; it would still read the model's vocabulary a second time (~0.35 s for Gemma's 262k
+        # tokens) and, with RPC, make ~20 round trips to every worker before loading.
+        args += ["--fit", "off"]
     if not model.has_chat_template and model.arch.startswith("gemma"):
         # Such GGUFs (the default model among them) would get chatml; `--chat-template gemma` is taken
         # as a literal Jinja template by this llama.cpp, so we ship the template itself.

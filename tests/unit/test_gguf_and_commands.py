@@ -40,7 +40,7 @@ def test_bad_model_files_give_one_clear_reason(tiny_gguf, tmp_path):
         inspect_gguf(header_only)
 
 
-BINS = Binaries(Path("/b/ggml-rpc-server"), Path("/b/llama-server"), True)
+BINS = Binaries(Path("/b/ggml-rpc-server"), Path("/b/llama-server"), True, has_fit=True)
 MODEL = ModelInfo(path="/m.gguf", name="m", size_bytes=1, n_layers=18, arch="gemma3", fingerprint="f")
 
 
@@ -56,6 +56,10 @@ def flag(args: list[str], name: str) -> str | None:
 def test_solo_host_offloads_everything_locally_on_loopback():
     args = llama_server_args(BINS, 8080, MODEL, plan(("me", 1.0)), "me", {}, backend="cpu", ctx_size=4096, threads=None)
     assert flag(args, "--host") == "127.0.0.1" and flag(args, "--rpc") is None and flag(args, "--n-gpu-layers") == "999"
+    assert flag(args, "--fit") == "off"  # it could change nothing we set, and costs a second vocabulary read
+    older = Binaries(BINS.rpc_server, BINS.llama_server, True, has_fit=False)
+    assert "--fit" not in llama_server_args(older, 8080, MODEL, plan(("me", 1.0)), "me", {}, backend="cpu",
+                                            ctx_size=4096, threads=None)  # a flag it lacks would stop it
 
 
 def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
