@@ -10,6 +10,11 @@ from common.messages import ModelInfo, Plan
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+# llama.cpp's --override-tensor patterns are searched, not matched: unanchored, `output\.weight` would
+# also pull every layer's `attn_output.weight` onto the host (a round trip per layer per token).
+OUTPUT_ON_HOST = r"^output\.weight$=CPU,^token_embd\.weight$=CPU"
+
+
 class NotReady(Exception):
     """The plan needs something that is not there yet (e.g. a tunnel); the message says what."""
 
@@ -54,10 +59,14 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
     my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
     remote_total = sum(m.ratio for m in remote) or 1.0
     if backend == "cpu":
-        # A CPU host has no device of its own to offload to: its share is the layers it keeps.
+        # A CPU host has no device of its own to offload to: its share is the layers it keeps. The
+        # output matrix (or the embedding tied to it), which llama.cpp would offload with the last
+        # layers, stays here: otherwise each token's logits (1 MB for a 262k vocabulary) cross the
+        # network, and the last worker loads a matrix that is 2/3 of the default model.
         kept = round(my_ratio * model.n_layers)
         args += ["--n-gpu-layers", str(max(model.n_layers - kept, 1)),
-                 "--tensor-split", ",".join(f"{m.ratio / remote_total:.3f}" for m in remote)]
+                 "--tensor-split", ",".join(f"{m.ratio / remote_total:.3f}" for m in remote),
+                 "--override-tensor", OUTPUT_ON_HOST]
     else:
         # Local GPU first, then the RPC devices in --rpc order.
         args += ["--n-gpu-layers", "999",

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,11 @@ def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
     args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001, "w2": 5002}, backend="cpu", ctx_size=4096, threads=2)
     assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
     assert flag(args, "--n-gpu-layers") == "9" and flag(args, "--tensor-split") == "0.500,0.500"
+    # the output matrix (or the embedding tied to it) stays on the host, and only it: llama.cpp searches
+    # these patterns, so an unanchored `output\.weight` would also pull every layer's attn_output here
+    patterns = [p.split("=")[0] for p in flag(args, "--override-tensor").split(",")]
+    names = ["output.weight", "token_embd.weight", "blk.3.attn_output.weight", "output_norm.weight"]
+    assert [n for n in names if any(re.search(p, n) for p in patterns)] == ["output.weight", "token_embd.weight"]
 
 
 def test_gpu_host_lists_its_own_device_first():
