@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -38,7 +39,7 @@ import psutil
 from bench.paths import PATHS
 from common.binaries import Binaries, BinariesError, find_binaries
 from common.gguf_info import inspect_gguf
-from common.messages import Plan, PlanMember
+from common.messages import ModelInfo, Plan, PlanMember
 from services.runnerd.commands import llama_server_args
 from tests.support.delay_relay import TrafficStats
 from tests.support.llama_procs import (DEFAULT_MODEL, ProcessDied, ServerProcess, start_llama_server,
@@ -239,9 +240,13 @@ class Bench:
         split with one worker whose ggml-rpc-server it reaches through `result.path`."""
         _record_error(result, self._load_split)
 
+    @functools.cached_property
+    def _model_and_backend(self) -> tuple[ModelInfo, str]:
+        """What runnerd would know of this node: the model's shape and the backend (once per bench)."""
+        return inspect_gguf(self.model), "cuda" if gpu_names() else "cpu"
+
     def _load_split(self, result: LoadResult) -> None:
-        model_info = inspect_gguf(self.model)
-        backend = "cuda" if gpu_names() else "cpu"
+        model_info, backend = self._model_and_backend
         members = [PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5)]
         slug = f"split-{result.label.replace('+', '_')}-{len(result.seconds)}"
         with contextlib.ExitStack() as stack:
