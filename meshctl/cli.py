@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from common import addresses
 from common.binaries import REPO_ROOT, BinariesError, find_binaries
 from common.bus import request
-from common.default_model import ensure_default_model
+from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.messages import JoinRequest, StatusRequest, TokenRequest
 from common.settings import Settings, home_from_env, load_settings
@@ -87,12 +87,12 @@ def preflight(settings: Settings) -> Settings:
         return settings
     # the model store and build settings (maybe from config.toml) also hold for what runs in this process
     os.environ.update(settings.build_env())
-    if settings.model is None:
-        settings = settings.model_copy(update={"model": ensure_default_model()})
     try:
+        if settings.model is None:
+            settings = settings.model_copy(update={"model": ensure_default_model()})
         inspect_gguf(settings.model, settings.home / "cache")
         find_binaries(settings.bin_dir, build_if_missing=True, build_env=settings.build_env())
-    except (ModelError, BinariesError) as exc:
+    except (ModelError, ModelInstallError, BinariesError) as exc:
         raise UsageError(str(exc)) from None
     return settings
 

@@ -46,7 +46,7 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
         # tokens) and, with RPC, make ~20 round trips to every worker before loading.
         args += ["--fit", "off"]
     if not model.has_chat_template and model.arch.startswith("gemma"):
-        # Such GGUFs (the default model among them) would get chatml; `--chat-template gemma` is taken
+        # Such GGUFs (Gemma 3 270M from the registry among them) would get chatml; `--chat-template gemma` is taken
         # as a literal Jinja template by this llama.cpp, so we ship the template itself.
         args += ["--chat-template-file", str(TEMPLATES / "gemma.jinja")]
     remote = [m for m in plan.members if m.node_id != me]

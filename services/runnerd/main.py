@@ -19,7 +19,7 @@ import httpx
 from common import addresses
 from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
-from common.default_model import ensure_default_model
+from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
@@ -75,7 +75,7 @@ class Runnerd:
             self.update(status="preparing llama.cpp binaries")
             self.binaries = await asyncio.to_thread(find_binaries, self.settings.bin_dir, build_if_missing=True,
                                                     build_env=self.settings.build_env())
-        except (ModelError, BinariesError) as exc:
+        except (ModelError, ModelInstallError, BinariesError) as exc:
             self.fail(str(exc))
             return False
         except SystemExit as exc:  # the build/model helpers speak in one-line SystemExit messages

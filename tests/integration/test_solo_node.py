@@ -33,10 +33,10 @@ def client(node: Node) -> openai.OpenAI:
 
 def test_plain_and_streamed_chat_completions(node):
     reply = client(node).chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0)
+        model="default", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0)
     assert reply.choices[0].message.content.strip()
     chunks = list(client(node).chat.completions.create(
-        model="gemma", messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, temperature=0,
+        model="default", messages=[{"role": "user", "content": "Count to five."}], max_tokens=16, temperature=0,
         stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 3 and text.strip()
@@ -45,7 +45,7 @@ def test_plain_and_streamed_chat_completions(node):
 def test_chat_uses_the_models_turn_format(node):
     r = httpx.post(f"{node.api}/v1/chat/completions", timeout=60,
                    json={"messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 2})
-    assert r.json()["usage"]["prompt_tokens"] >= 8  # wrapped in gemma's turn markers, not sent bare
+    assert r.json()["usage"]["prompt_tokens"] >= 8  # wrapped in the model's turn markers, not sent bare
 
 
 def test_completions_models_and_status(node):
