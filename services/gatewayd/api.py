@@ -16,6 +16,7 @@ from typing import Callable
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 log = logging.getLogger("gatewayd")
 MAX_BODY_BYTES = 32 << 20
@@ -161,7 +162,7 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics(), media_type="text/plain; version=0.0.4")
+        return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.on_event("shutdown")
     async def close_client() -> None:

@@ -11,7 +11,11 @@ import logging
 import signal
 import socket
 
+from typing import Callable
+
 import uvicorn
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from common.addresses import advertised_addresses
 from common.bus import ServiceBus
@@ -23,6 +27,30 @@ from services.gatewayd.api import Upstream, build_app
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
 
 log = logging.getLogger("gatewayd")
+
+
+class StateCollector:
+    """A prometheus-client collector over values we already keep (tunnel byte counts, request counters)."""
+
+    def __init__(self, families: Callable[[], list]) -> None:
+        self.families = families
+
+    def collect(self):
+        yield from self.families()
+
+
+def metric_families(tunnels: list[TunnelStats], counters: dict[str, int], peers_connected: int) -> list:
+    tunnel_bytes = CounterMetricFamily("mesh_tunnel_bytes", "bytes through the data tunnels, per peer, direction and lane",
+                                       labels=["peer", "direction", "lane"])
+    for t in tunnels:
+        tunnel_bytes.add_metric([t.node_id, "in", t.lane], t.bytes_in)
+        tunnel_bytes.add_metric([t.node_id, "out", t.lane], t.bytes_out)
+    requests = CounterMetricFamily("mesh_requests", "API requests answered by a host (served) or with an error (failed)",
+                                   labels=["result"])
+    requests.add_metric(["served"], counters.get("served", 0))
+    requests.add_metric(["failed"], counters.get("failed", 0))
+    peers = GaugeMetricFamily("mesh_peers", "peers connected now", value=peers_connected)
+    return [tunnel_bytes, requests, peers]
 
 
 class Gatewayd:
@@ -164,15 +192,11 @@ class Gatewayd:
                 "gateway": self.current_state().model_dump()}
 
     def metrics(self) -> str:
-        lines = ["# TYPE mesh_tunnel_bytes_total counter"]
-        for t in self.current_state().tunnels:
-            lines.append(f'mesh_tunnel_bytes_total{{peer="{t.node_id}",direction="in",lane="{t.lane}"}} {t.bytes_in}')
-            lines.append(f'mesh_tunnel_bytes_total{{peer="{t.node_id}",direction="out",lane="{t.lane}"}} {t.bytes_out}')
-        lines += ["# TYPE mesh_requests_total counter",
-                  f'mesh_requests_total{{result="served"}} {self.counters["served"]}',
-                  f'mesh_requests_total{{result="failed"}} {self.counters["failed"]}',
-                  "# TYPE mesh_peers gauge", f"mesh_peers {sum(p.connected for p in self.mesh.peers)}"]
-        return "\n".join(lines) + "\n"
+        """Prometheus text exposition of this node's counters, read from the current state at scrape time."""
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StateCollector(lambda: metric_families(
+            self.current_state().tunnels, self.counters, sum(p.connected for p in self.mesh.peers))))
+        return generate_latest(registry).decode()
 
     def on_status(self, _: StatusRequest) -> Reply:
         return Reply(ok=True, data=self.current_state().model_dump())
