@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from common.default_model import ensure_default_model
 from common.gguf_info import read_gguf_header
@@ -65,7 +66,10 @@ def test_split_loads_weights_locally_and_other_models_are_excluded(tmp_path):
         assert 0 < moved < size / 100
         assert a.chat("Say hi.", max_tokens=4)
         metrics = __import__("httpx").get(f"{a.api}/metrics", timeout=10).text
-        assert f'mesh_tunnel_bytes_total{{peer="{ids["b"]}",direction="out"' in metrics
+        sent = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                if s.name == "mesh_tunnel_bytes_total" and s.labels.get("peer") == ids["b"]
+                and s.labels.get("direction") == "out"]
+        assert sent and sent[0] > 0
     finally:
         for n in (d, b, a):
             n.stop()
