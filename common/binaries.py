@@ -1,15 +1,12 @@
 """Where the llama.cpp binaries come from: `--bin-dir`, or the project's cached build of pinned source."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 RPC_SERVER_NAMES = ("ggml-rpc-server", "rpc-server")  # the older builds call it rpc-server
 
 
@@ -26,12 +23,11 @@ class Binaries:
     backend: str = "cpu"       # what llama-server offloads to: cpu, cuda, metal, vulkan, rocm…
 
 
-@lru_cache(maxsize=1)
 def _build_module():
-    spec = importlib.util.spec_from_file_location("llama_build", REPO_ROOT / "llama.cpp" / "build.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    # llama.cpp/ is installed as the package mesh_llama_cpp (pyproject's package-dir), with its pin
+    # and patches beside build.py, in a clone and in a plain `pip install .` alike.
+    from mesh_llama_cpp import build
+    return build
 
 
 def built_bin_dir() -> Path:

@@ -8,6 +8,11 @@ Stdlib only: it runs before the project's own dependencies are installed.
 
     python llama.cpp/build.py            # build if needed, print the bin dir
     python llama.cpp/build.py --print    # print the bin dir a build would use; build nothing
+    mesh-build-llama …                   # the same, installed (this folder is the package mesh_llama_cpp)
+    mesh-build-llama --import-bin DIR    # take DIR's prebuilt binaries as this build (a bundle's install)
+
+Settings (MESH_LLAMA_CACHE, MESH_LLAMA_BACKEND, MESH_CUDA_ARCH, MESH_LLAMA_SOURCE) come from the
+environment; `meshctl up` passes them to every service, so all of a node's builds agree.
 
 Offline builds: `MESH_LLAMA_SOURCE=<dir or .tar.gz>` takes the llama.cpp tree from there instead of
 downloading the sdist: an extracted tree (the sdist's vendor/llama.cpp, possibly trimmed of what
@@ -20,6 +25,7 @@ no sha256 to check against, so point the variable only at a copy of the pinned s
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -200,21 +206,44 @@ def cmake_flags(backend: str) -> list[str]:
     return flags
 
 
-def run_with_progress(cmd: list[str], cwd: Path, log: Path) -> None:
+class _Lines:
+    """Progress without the project installed (this script runs before it is): a line every 5 s."""
+
+    def __init__(self, step: str, total: float, **_) -> None:
+        self.step, self.start, self.last = step, time.monotonic(), 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        pass
+
+    def update(self, pct: float) -> None:
+        now = time.monotonic()
+        if now - self.last > 5:
+            self.last = now
+            say(f"{self.step}… {pct:3.0f}%  ({int(now - self.start)} s)")
+
+
+def _progress(step: str):
+    try:  # a bar in a terminal, and a figure in `meshctl status` when runnerd builds
+        from common.progress import StepProgress
+        return StepProgress(step, 100, tag="llama.cpp")
+    except ImportError:
+        return _Lines(step, 100)
+
+
+def run_with_progress(cmd: list[str], cwd: Path, log: Path, step: str = "") -> None:
     """Run the build, keeping the full output in a log and showing `[n/m]` progress."""
-    start = time.monotonic()
-    with open(log, "a") as logf:
+    with open(log, "a") as logf, (_progress(step) if step else _Lines("", 100)) as bar:
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        last = 0.0
         assert proc.stdout
         for line in proc.stdout:
             logf.write(line)
+            logf.flush()
             m = re.match(r"\s*\[\s*(\d+)/(\d+)\]", line) or re.match(r"\[\s*(\d+)%\]", line)
-            now = time.monotonic()
-            if m and now - last > 5:
-                last = now
-                pct = int(m.group(1)) * 100 // int(m.group(2)) if m.lastindex == 2 else int(m.group(1))
-                say(f"building… {pct:3d}%  ({int(now - start)} s)")
+            if m and step:
+                bar.update(int(m.group(1)) * 100 / int(m.group(2)) if m.lastindex == 2 else int(m.group(1)))
         if proc.wait() != 0:
             tail = log.read_text().splitlines()[-30:]
             print("\n".join(tail), file=sys.stderr)
@@ -229,9 +258,22 @@ def build(backend: str | None = None, jobs: int | None = None) -> Path:
     for tool in ("cmake", "git"):
         if not shutil.which(tool):
             raise SystemExit(f"error: `{tool}` is needed to build llama.cpp; install it (e.g. apt-get install {tool})")
-    pin = load_pin()
     work = out.parent
     work.mkdir(parents=True, exist_ok=True)
+    with open(work / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            say(f"another build of {out.parent.name} is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if is_built(backend):  # the other build finished it
+            return out
+        return _build_locked(backend, jobs, out)
+
+
+def _build_locked(backend: str, jobs: int | None, out: Path) -> Path:
+    pin = load_pin()
+    work = out.parent
     src = work / "src"
     log = work / "build.log"
     log.write_text("")
@@ -249,7 +291,8 @@ def build(backend: str | None = None, jobs: int | None = None) -> Path:
     jobs = jobs or os.cpu_count() or 2
     say(f"configuring ({backend}, {jobs} jobs); full log: {log}")
     run_with_progress(["cmake", "-S", ".", "-B", "build", *gen, *cmake_flags(backend)], src, log)
-    run_with_progress(["cmake", "--build", "build", "--target", *TARGETS, "-j", str(jobs)], src, log)
+    run_with_progress(["cmake", "--build", "build", "--target", *TARGETS, "-j", str(jobs)], src, log,
+                      step="building llama.cpp")
     tmp_bin = work / "bin.tmp"
     shutil.rmtree(tmp_bin, ignore_errors=True)
     tmp_bin.mkdir()
@@ -261,15 +304,36 @@ def build(backend: str | None = None, jobs: int | None = None) -> Path:
     return out
 
 
+def import_bin(source: Path, backend: str | None = None) -> Path:
+    """Install prebuilt binaries (a bundle's) as the build of this source, patches and backend."""
+    out = bin_dir(backend)
+    missing = [t for t in TARGETS if not (source / t).is_file()]
+    if missing:
+        raise SystemExit(f"error: {source} lacks {', '.join(missing)}")
+    tmp_bin = out.parent / "bin.tmp"
+    shutil.rmtree(tmp_bin, ignore_errors=True)
+    tmp_bin.mkdir(parents=True)
+    for t in TARGETS:
+        shutil.copy2(source / t, tmp_bin / t)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp_bin.rename(out)
+    say(f"installed prebuilt binaries → {out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--print", action="store_true", help="print the bin dir and whether it is built; build nothing")
     ap.add_argument("--backend", choices=["cpu", "cuda", "metal"], help="override backend detection")
     ap.add_argument("--jobs", "-j", type=int)
+    ap.add_argument("--import-bin", type=Path, metavar="DIR", help="use DIR's prebuilt binaries as this build")
     args = ap.parse_args()
     if args.print:
         print(bin_dir(args.backend))
         sys.exit(0 if is_built(args.backend) else 1)
+    if args.import_bin:
+        print(import_bin(args.import_bin, args.backend))
+        return
     print(build(args.backend, args.jobs))
 
 

@@ -16,7 +16,7 @@ import psutil
 from pydantic import ValidationError
 
 from common import addresses
-from common.binaries import REPO_ROOT, BinariesError, find_binaries
+from common.binaries import BinariesError, find_binaries
 from common.bus import request
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
@@ -25,7 +25,7 @@ from common.settings import Settings, home_from_env, load_settings
 from common.settings_cli import add_settings_flags, env_name, flag_name, overrides_from_args, settings_env_names
 from common.tokens import TokenError, decode_token
 
-SUPERVISORD_CONF = REPO_ROOT / "supervisord.conf"
+SUPERVISORD_CONF = Path(__file__).resolve().parent / "supervisord.conf"  # package data; ./supervisord.conf links here
 
 
 class UsageError(Exception):
