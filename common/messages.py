@@ -120,7 +120,6 @@ class MeshState(Message):
     kind: Literal["mesh_state"] = "mesh_state"
     node_id: str = ""
     mesh_id: str = ""
-    token: str = ""
     listen: list[Address] = Field(default_factory=list)
     me: Announcement | None = None
     peers: list[PeerView] = Field(default_factory=list)

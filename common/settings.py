@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from common.addresses import is_loopback_host
 
 DEFAULT_HOME = Path("~/.mesh-inference")
 GIB = 1 << 30
@@ -102,6 +105,21 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
+    @model_validator(mode="after")
+    def _exposed_api_needs_a_key(self) -> "Settings":
+        if problem := self.api_exposure_problem():
+            raise ValueError(problem)
+        return self
+
+    def api_exposure_problem(self) -> str | None:
+        """Why the API may not start as configured: beyond loopback it needs a key, however it was asked for
+        (flag, MESH_* variable or config file)."""
+        if self.api_key or is_loopback_host(self.api_bind_host):
+            return None
+        how = "--listen-all" if self.listen_all else f"api_host {self.api_bind_host}"
+        return (f"{how} exposes the API to your network; also pass --api-key KEY (or set MESH_API_KEY / api_key), "
+                f"or keep the API on 127.0.0.1")
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
@@ -131,3 +149,15 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def service_settings() -> Settings:
+    """Settings for a service's main(): invalid ones are one line and exit 2, not a traceback per restart."""
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "/".join(str(p) for p in err["loc"])
+        print(f"error: invalid settings{' (' + where + ')' if where else ''}: "
+              f"{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -8,6 +8,7 @@ with an error event instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -59,12 +60,15 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
     client = httpx.AsyncClient(timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0),
                                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
 
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return openai_error(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
-                                    "invalid_request_error", "invalid_api_key")
+        # Every route: /mesh/status and /metrics describe the mesh too. Constant-time comparison.
+        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                            expected):
+            return openai_error(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
+                                "invalid_request_error", "invalid_api_key")
         return await call_next(request)
 
     async def forward(request: Request, path: str, body: bytes | None) -> Response:

@@ -18,7 +18,7 @@ from common.bus import ServiceBus
 from common.identity import NodeIdentity
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from services.gatewayd.api import Upstream, build_app
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
 
@@ -197,8 +197,7 @@ class Gatewayd:
         return sock
 
     async def serve(self) -> None:
-        if self.settings.listen_all and not self.settings.api_key:
-            reason = "--listen-all exposes the API to the network and needs --api-key (or MESH_API_KEY)"
+        if reason := self.settings.api_exposure_problem():  # Settings refuses this too; never serve it anyway
             log.error("%s", reason)
             self.state = self.state.model_copy(update={"error": reason})
         tcp, quic = await self.tunnels.start()
@@ -238,7 +237,7 @@ class Gatewayd:
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     setup_logging(settings.home, "gatewayd", settings.log_level)
     asyncio.run(Gatewayd(settings).serve())
 

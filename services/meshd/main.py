@@ -25,7 +25,7 @@ from common.logs import setup_logging
 from common.messages import (Announcement, GatewayState, JoinRequest, MeshState, PeerView, Plan, Reply, RunnerState,
                              StatusRequest, TokenRequest)
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
 from services.meshd.gossip import DEAD_AFTER_S, forget_stale, merge_view
@@ -322,7 +322,7 @@ class Meshd:
             status = "connected" if links else (f"unreachable ({failures} failed dials)" if failures else "connecting")
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
                                   last_heard=self.last_heard.get(node_id, 0.0), status=status))
-        return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, token=self.token(), listen=self.listen,
+        return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
                          me=self.announcement(), peers=peers, errors=self.errors, settled=self.settled())
 
     def settled(self) -> bool:
@@ -351,7 +351,7 @@ class Meshd:
         host, port = await self.endpoint.start()
         self.listen = advertised_addresses(host, port, self.settings.advertise)
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
-        log.info("Invite token: %s", self.token())
+        log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -383,7 +383,7 @@ class Meshd:
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     setup_logging(settings.home, "meshd", settings.log_level)
     asyncio.run(Meshd(settings).serve())
 

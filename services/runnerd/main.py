@@ -24,7 +24,7 @@ from common.gguf_info import ModelError, inspect_gguf
 from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
                              WeightLoad)
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
 from services.runnerd.memory import detect_memory
@@ -312,7 +312,7 @@ async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     log = setup_logging(settings.home, "runnerd", settings.log_level)
     if settings.client:
         log.info("lite client: runnerd has nothing to do")
