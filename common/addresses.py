@@ -79,3 +79,13 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
     except ValueError:
         return False  # a name that may resolve to anything: treat it as exposed
+
+
+def llama_key_path(home: Path) -> Path:
+    """The API key of this node's llama-server (owner-only; runnerd writes it, gatewayd sends it)."""
+    return run_dir(home) / "llama-server.key"
+
+
+def mesh_api_socket(home: Path) -> Path:
+    """gatewayd's API for mesh members (HTTP tunnels end here, never at llama-server itself)."""
+    return run_dir(home) / "mesh-api.sock"

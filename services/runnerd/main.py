@@ -21,6 +21,7 @@ from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
+from common.local_keys import new_llama_key
 from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
                              WeightLoad)
@@ -197,6 +198,8 @@ class Runnerd:
         port = free_loopback_port()
         args = list(spec)
         args[args.index("--port") + 1] = str(port)
+        # Other local users can reach 127.0.0.1 too: a fresh key that only gatewayd reads guards it.
+        args += ["--api-key-file", str(new_llama_key(self.settings.home))]
         self.llama_spec = spec
         self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"))
         started = time.monotonic()
