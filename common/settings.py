@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     wait_for_host: float = Field(60.0, ge=0, description="seconds an API request waits for a serving host before 503")
     settle_delay: float = Field(2.0, ge=0, description="seconds membership must be stable before a new plan")
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this")
+    liveness_timeout: float = Field(3.0, ge=0.5, description="seconds of silence on a peer's control link before "
+                                    "it counts as gone (it sends a heartbeat about every timeout/6 s)")
+    rotation_grace: float = Field(86400.0, ge=0, description="seconds the previous mesh secret still admits known "
+                                  "members after `meshctl token --rotate` (members offline during it)")
     log_level: str = Field("INFO")
 
     @field_validator("join", "advertise", "advertise_data", mode="before")
