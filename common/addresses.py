@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 import socket
 import tempfile
@@ -68,3 +69,23 @@ def advertised_addresses(bind_host: str, port: int, advertise: list[str] | None 
     import psutil
     found = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
     return [(h, port) for h in sorted(set(found), key=lambda h: (h.startswith("127."), h))]
+
+
+def is_loopback_host(host: str) -> bool:
+    """True when a server bound to `host` is reachable from this machine only."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name that may resolve to anything: treat it as exposed
+
+
+def llama_key_path(home: Path) -> Path:
+    """The API key of this node's llama-server (owner-only; runnerd writes it, gatewayd sends it)."""
+    return run_dir(home) / "llama-server.key"
+
+
+def mesh_api_socket(home: Path) -> Path:
+    """gatewayd's API for mesh members (HTTP tunnels end here, never at llama-server itself)."""
+    return run_dir(home) / "mesh-api.sock"

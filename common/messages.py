@@ -106,6 +106,8 @@ class Announcement(Message):
     data_quic: list[Address] = Field(default_factory=list)
     host_ready: bool = False  # this node runs a llama-server that answers
     plan_key: str = ""
+    public_key: str = Field("", max_length=512)  # base64 DER; its hash is node_id (services/meshd/gossip.py)
+    sig: str = Field("", max_length=512)  # the node's signature over everything else and the mesh id
 
 
 class PeerView(Message):
@@ -120,11 +122,11 @@ class MeshState(Message):
     kind: Literal["mesh_state"] = "mesh_state"
     node_id: str = ""
     mesh_id: str = ""
-    token: str = ""
     listen: list[Address] = Field(default_factory=list)
     me: Announcement | None = None
     peers: list[PeerView] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
+    gossip_dropped: dict[str, int] = Field(default_factory=dict)  # forged / altered / replayed / bad_rotation
     # False while a (re)started meshd is still reconnecting to the members it knew: until then its
     # peer list is short by those, and re-planning on it would restart llama-server for nothing.
     settled: bool = False

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from common.addresses import is_loopback_host
 
 DEFAULT_HOME = Path("~/.mesh-inference")
 GIB = 1 << 30
@@ -106,6 +109,12 @@ class Settings(BaseSettings):
                                 json_schema_extra=cli(metavar="SECONDS"))
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this",
                                  json_schema_extra=cli(metavar="X"))
+    liveness_timeout: float = Field(3.0, ge=0.5, description="seconds of silence on a peer's control link before "
+                                    "it counts as gone (it sends a heartbeat about every timeout/6 s)",
+                                    json_schema_extra=cli(metavar="SECONDS"))
+    rotation_grace: float = Field(86400.0, ge=0, description="seconds the previous mesh secret still admits known "
+                                  "members after `meshctl token --rotate` (members offline during it)",
+                                  json_schema_extra=cli(metavar="SECONDS"))
     log_level: str = Field("INFO", description="log level of the services (DEBUG, INFO, WARNING, ERROR)",
                            json_schema_extra=cli(metavar="LEVEL"))
     # Build and model-store settings: read by llama.cpp/build.py and common/default_model.py from the
@@ -151,6 +160,21 @@ class Settings(BaseSettings):
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
 
+    @model_validator(mode="after")
+    def _exposed_api_needs_a_key(self) -> "Settings":
+        if problem := self.api_exposure_problem():
+            raise ValueError(problem)
+        return self
+
+    def api_exposure_problem(self) -> str | None:
+        """Why the API may not start as configured: beyond loopback it needs a key, however it was asked for
+        (flag, MESH_* variable or config file)."""
+        if self.api_key or is_loopback_host(self.api_bind_host):
+            return None
+        how = "--listen-all" if self.listen_all else f"api_host {self.api_bind_host}"
+        return (f"{how} exposes the API to your network; also pass --api-key KEY (or set MESH_API_KEY / api_key), "
+                f"or keep the API on 127.0.0.1")
+
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
                                    env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
@@ -186,3 +210,15 @@ class Settings(BaseSettings):
 
 def load_settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def service_settings() -> Settings:
+    """Settings for a service's main(): invalid ones are one line and exit 2, not a traceback per restart."""
+    try:
+        return load_settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = "/".join(str(p) for p in err["loc"])
+        print(f"error: invalid settings{' (' + where + ')' if where else ''}: "
+              f"{err['msg'].removeprefix('Value error, ')}", file=sys.stderr)
+        raise SystemExit(2) from None

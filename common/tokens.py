@@ -84,4 +84,8 @@ def admission_proof(secret: str, nonce: bytes, dialer_id: str, server_id: str) -
 def check_admission(secret: str, nonce: bytes, dialer_id: str, server_id: str, proof: object) -> bool:
     if not isinstance(proof, str):
         return False
-    return hmac.compare_digest(admission_proof(secret, nonce, dialer_id, server_id), proof)
+    try:
+        expected = admission_proof(secret, nonce, dialer_id, server_id)
+    except ValueError:  # a malformed secret admits nobody (and must not crash admission)
+        return False
+    return hmac.compare_digest(expected.encode(), proof.encode("utf-8", "replace"))

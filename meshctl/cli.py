@@ -75,8 +75,8 @@ def preflight(settings: Settings) -> Settings:
     if supervisord_pid(settings.home):
         raise UsageError(f"a node is already running for MESH_HOME={settings.home}; "
                          f"`meshctl down` first, or use another --home")
-    if settings.listen_all and not settings.api_key:
-        raise UsageError("--listen-all exposes the API to your network; also pass --api-key KEY (or set MESH_API_KEY)")
+    if problem := settings.api_exposure_problem():  # also checked by Settings itself
+        raise UsageError(problem)
     for token in settings.join:
         try:
             decode_token(token)
@@ -121,23 +121,31 @@ def cmd_up(args: argparse.Namespace) -> int:
     api = f"http://{'localhost' if settings.api_bind_host == '127.0.0.1' else settings.api_bind_host}:{settings.port}/v1"
     if not args.detach:
         print(f"Starting node (MESH_HOME={settings.home}); API at {api}; Ctrl-C stops it.", flush=True)
+        if os.fork() == 0:  # prints the token to this terminal only: meshd never logs it
+            reply = wait_for_token(settings.home, 60)
+            if reply.ok:
+                print(f"Invite token: {reply.data['token']}", flush=True)
+            os._exit(0)
         os.execve(command[0], command, env)
     log = open(addresses.log_path(settings.home, "node"), "ab")
     subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                      start_new_session=True)
-    reply = None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        reply = request(settings.home, "meshd", TokenRequest(), timeout=1.0)
-        if reply.ok:
-            break
-        time.sleep(0.3)
-    if not reply or not reply.ok:
+    reply = wait_for_token(settings.home, 30)
+    if not reply.ok:
         raise UsageError(f"the node did not come up within 30 s; see `meshctl logs` ({addresses.logs_dir(settings.home)})")
     print(f"Node started in the background (MESH_HOME={settings.home}).")
     print(f"Invite token: {reply.data['token']}")
     print(f"API at {api} — `meshctl status` shows when the model is served.")
     return 0
+
+
+def wait_for_token(home: Path, timeout: float):
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = request(home, "meshd", TokenRequest(), timeout=1.0)
+        if reply.ok or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.3)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

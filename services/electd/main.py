@@ -12,7 +12,7 @@ import time
 from common.bus import ServiceBus
 from common.logs import setup_logging
 from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from services.electd.election import Candidate, make_plan
 
 log = logging.getLogger("electd")
@@ -92,7 +92,7 @@ class Electd:
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     log = setup_logging(settings.home, "electd", settings.log_level)
     if settings.client:
         log.info("lite client: electd has nothing to do")

@@ -8,6 +8,7 @@ with an error event instead of hanging.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
@@ -23,8 +24,12 @@ MAX_BODY_BYTES = 32 << 20
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "authorization", "accept-encoding"}
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status)
+RETRY_HEADER = "x-mesh-retry"  # a mesh gateway's "nothing reached the model": the asking gateway may retry
+
+
+def openai_error(status: int, message: str, kind: str, code: str | None = None, *, retry: bool = False) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}}, status_code=status,
+                        headers={RETRY_HEADER: "1"} if retry else None)
 
 
 class Upstream:
@@ -33,11 +38,12 @@ class Upstream:
     def __init__(self) -> None:
         self.port: int | None = None
         self.label = ""
+        self.key: str | None = None  # the local llama-server's own key (local_keys); none through a tunnel
         self._changed = asyncio.Event()
 
-    def set(self, port: int | None, label: str) -> None:
-        if (port, label) != (self.port, self.label):
-            self.port, self.label = port, label
+    def set(self, port: int | None, label: str, key: str | None = None) -> None:
+        if (port, label, key) != (self.port, self.label, self.key):
+            self.port, self.label, self.key = port, label, key
             self._changed.set()
             self._changed = asyncio.Event()
 
@@ -55,17 +61,23 @@ class Upstream:
 
 
 def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
-              status: Callable[[], dict], metrics: Callable[[], str], counters: dict[str, int]) -> FastAPI:
+              status: Callable[[], dict] | None, metrics: Callable[[], str] | None, counters: dict[str, int]) -> FastAPI:
+    """The API. Without `status`/`metrics` it is the mesh members' API (the OpenAI routes only), which HTTP
+    tunnels end at; its refusals carry RETRY_HEADER, so the asking gateway retries them."""
     app = FastAPI(title="mesh-inference", docs_url=None, redoc_url=None)
+    for_members = status is None
     client = httpx.AsyncClient(timeout=httpx.Timeout(connect=5.0, read=600.0, write=60.0, pool=10.0),
                                limits=httpx.Limits(max_connections=512, max_keepalive_connections=64))
 
+    expected = f"Bearer {api_key}".encode() if api_key else None
+
     @app.middleware("http")
     async def require_key(request: Request, call_next):
-        if api_key and request.url.path.startswith("/v1/"):
-            if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return openai_error(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
-                                    "invalid_request_error", "invalid_api_key")
+        # Every route: /mesh/status and /metrics describe the mesh too. Constant-time comparison.
+        if expected is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                            expected):
+            return openai_error(401, "missing or wrong API key; send `Authorization: Bearer <key>`",
+                                "invalid_request_error", "invalid_api_key")
         return await call_next(request)
 
     async def forward(request: Request, path: str, body: bytes | None) -> Response:
@@ -76,18 +88,25 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
             if port is None:
                 counters["failed"] += 1
                 return openai_error(503, f"no host is serving the model yet (waited {wait_for_host:g} s); "
-                                         f"see `meshctl status`", "service_unavailable", "no_host")
+                                         f"see `meshctl status`", "service_unavailable", "no_host", retry=for_members)
+            sent = dict(headers)
+            if upstream.key:
+                sent["authorization"] = f"Bearer {upstream.key}"
             try:
                 upstream_request = client.build_request(request.method, f"http://127.0.0.1:{port}{path}",
-                                                        content=body, headers=headers, params=request.query_params)
+                                                        content=body, headers=sent, params=request.query_params)
                 response = await client.send(upstream_request, stream=True)
+                if response.headers.get(RETRY_HEADER) and time.monotonic() < deadline:
+                    await response.aclose()  # the host's gateway had no llama-server: as good as no answer
+                    raise httpx.ConnectError("the host's gateway has no model server right now")
                 break
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.ConnectTimeout) as exc:
                 # Nothing reached the model yet, so trying again is safe: the host may be restarting.
                 log.info("upstream %s not answering (%s); retrying", upstream.label, type(exc).__name__)
                 if time.monotonic() >= deadline:
                     counters["failed"] += 1
-                    return openai_error(503, f"the host did not answer: {exc}", "service_unavailable", "host_unreachable")
+                    return openai_error(503, f"the host did not answer: {exc}", "service_unavailable", "host_unreachable",
+                                        retry=for_members)
                 await asyncio.sleep(0.5)
             except httpx.HTTPError as exc:
                 counters["failed"] += 1
@@ -156,13 +175,15 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
         ok = upstream.port is not None
         return JSONResponse({"status": "ok" if ok else "no host", "upstream": upstream.label}, status_code=200 if ok else 503)
 
-    @app.get("/mesh/status")
-    async def mesh_status() -> Response:
-        return JSONResponse(status())
+    if status is not None:
+        @app.get("/mesh/status")
+        async def mesh_status() -> Response:
+            return JSONResponse(status())
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
+    if metrics is not None:
+        @app.get("/metrics")
+        async def prometheus() -> Response:
+            return Response(metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.on_event("shutdown")
     async def close_client() -> None:

@@ -2,12 +2,16 @@
 
 On the host it opens one loopback port per remote worker that carries llama.cpp RPC to that
 worker's ggml-rpc-server; on every other node it opens one loopback port that carries HTTP to the
-host's llama-server, and points the API there. Tunnels only serve mesh members.
+host's gatewayd, and points the API there. Tunnels only serve mesh members, and each only what its
+role needs: a worker's ggml-rpc-server only to the host of its plan; HTTP tunnels end at gatewayd's
+members' API (a Unix socket under MESH_HOME/run), never at llama-server, which only gatewayd can
+use (its key: common.local_keys).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 
@@ -17,16 +21,20 @@ import uvicorn
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from common import addresses
 from common.addresses import advertised_addresses
 from common.bus import ServiceBus
 from common.identity import NodeIdentity
+from common.local_keys import read_llama_key
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from services.gatewayd.api import Upstream, build_app
+from services.gatewayd.policy import RPC_PLAN_WAIT_S, rpc_refusal
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
 
 log = logging.getLogger("gatewayd")
+MEMBERS_WAIT_FOR_LLAMA_S = 10.0  # then a RETRY_HEADER 503: the asking gateway retries (and may find a new host)
 
 
 class StateCollector:
@@ -63,8 +71,11 @@ class Gatewayd:
         self.runner = RunnerState()
         self.state = GatewayState(api_url=f"http://{settings.api_bind_host}:{settings.port}/v1")
         self.upstream = Upstream()
+        self.local_llama = Upstream()  # what the members' API serves: this node's own llama-server only
+        self.members_api: str | None = None  # its Unix socket, once it listens
         self.counters = {"served": 0, "failed": 0}
         self.tunnels = TunnelService(self.identity, is_member=self.is_member, local_target=self.local_target,
+                                     allow=self.allow_tunnel,
                                      bind_host=settings.bind_host, tcp_port=settings.data_port,
                                      quic_port=settings.data_port)
         self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
@@ -92,11 +103,27 @@ class Gatewayd:
     def is_member(self, node_id: str) -> bool:
         return any(p.announcement.node_id == node_id for p in self.mesh.peers)
 
-    def local_target(self, kind: str) -> tuple[str, int] | None:
+    def local_target(self, kind: str) -> tuple[str, int] | str | None:
         child = {"rpc": self.runner.rpc, "http": self.runner.llama}.get(kind)
         if child is None or child.state != "ready" or not child.port:
             return None
+        if kind == "http":
+            return self.members_api  # our own API for members, which holds llama-server's key
         return ("127.0.0.1", child.port)
+
+    async def allow_tunnel(self, dialer: str, kind: str) -> str | None:
+        """RPC only from the host of our plan over a live link; HTTP from any member (it reaches the API only).
+        The host may have settled on the plan a moment before us: wait a little for ours to agree."""
+        if kind == "http":
+            return None
+        if kind != "rpc":
+            return rpc_refusal(kind, self.plan, self.mesh.node_id, dialer, connected=False)
+        deadline = asyncio.get_running_loop().time() + RPC_PLAN_WAIT_S
+        while True:
+            reason = rpc_refusal(kind, self.plan, self.mesh.node_id, dialer, connected=self.peer(dialer) is not None)
+            if reason is None or asyncio.get_running_loop().time() >= deadline:
+                return reason
+            await asyncio.sleep(0.1)
 
     def current_state(self) -> GatewayState:
         stats = self.tunnels.stats()
@@ -161,9 +188,12 @@ class Gatewayd:
                 if peer and (port := await self.ensure_forward(peer, "rpc")):
                     wanted.add((member.node_id, "rpc"))
                     rpc_forwards[member.node_id] = port
-        local = self.local_target("http")
+        llama = self.runner.llama
+        local = ("127.0.0.1", llama.port) if llama.state == "ready" and llama.port else None
+        key = read_llama_key(self.settings.home) if local else None  # written before this llama-server started
+        self.local_llama.set(local[1] if local else None, "local", key)
         if local:
-            self.upstream.set(local[1], "local")
+            self.upstream.set(local[1], "local", key)
         elif (host := self.choose_host()) and (port := await self.ensure_forward(host, "http")):
             wanted.add((host.announcement.node_id, "http"))
             self.upstream.set(port, host.announcement.node_id)
@@ -203,6 +233,17 @@ class Gatewayd:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
+    def members_api_socket(self) -> socket.socket:
+        """An owner-only Unix socket: other local users cannot reach llama-server through it."""
+        path = addresses.mesh_api_socket(self.settings.home)
+        path.unlink(missing_ok=True)  # a stale one from a killed gatewayd; the service lock makes us the only one
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen(1024)
+        sock.setblocking(False)
+        return sock
+
     def api_socket(self) -> socket.socket | None:
         """Bind the API port ourselves so a clash is one clear line in state and log, not a crash loop."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -221,8 +262,7 @@ class Gatewayd:
         return sock
 
     async def serve(self) -> None:
-        if self.settings.listen_all and not self.settings.api_key:
-            reason = "--listen-all exposes the API to the network and needs --api-key (or MESH_API_KEY)"
+        if reason := self.settings.api_exposure_problem():  # Settings refuses this too; never serve it anyway
             log.error("%s", reason)
             self.state = self.state.model_copy(update={"error": reason})
         tcp, quic = await self.tunnels.start()
@@ -241,6 +281,14 @@ class Gatewayd:
             asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
             asyncio.ensure_future(self.reconcile_forever()),
         ]
+        members = uvicorn.Server(uvicorn.Config(
+            build_app(self.local_llama, wait_for_host=MEMBERS_WAIT_FOR_LLAMA_S, api_key=None, status=None,
+                      metrics=None, counters=self.counters),
+            log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+        members.install_signal_handlers = lambda: None
+        members_sock = self.members_api_socket()
+        tasks.append(asyncio.ensure_future(members.serve(sockets=[members_sock])))
+        self.members_api = members_sock.getsockname()
         server = None
         sock = None if self.state.error else self.api_socket()
         if sock:
@@ -252,9 +300,10 @@ class Gatewayd:
             tasks.append(asyncio.ensure_future(server.serve(sockets=[sock])))
             log.info("API on http://%s:%d/v1", self.settings.api_bind_host, self.settings.port)
         await stopping.wait()
+        members.should_exit = True
         if server:
             server.should_exit = True
-            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)
         for task in tasks:
             task.cancel()
         await self.tunnels.close()
@@ -262,7 +311,7 @@ class Gatewayd:
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     setup_logging(settings.home, "gatewayd", settings.log_level)
     asyncio.run(Gatewayd(settings).serve())
 

@@ -22,6 +22,7 @@ backpressure both ways.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import ipaddress
 import logging
 import socket
@@ -61,6 +62,9 @@ WRITE_HIGH_WATER = 1 << 20    # of the QUIC lane's splice
 WRITE_LOW_WATER = 256 << 10
 PUMP_BYTES = 256 << 10        # one recv of the TLS lane's pump, passed on whole while the next hop
                               # works on the one before (64 KiB: more wake-ups, slower)
+
+
+Target = tuple[str, int] | str  # a local service: (host, port) on TCP, or a Unix socket path
 
 
 @dataclass
@@ -469,13 +473,15 @@ class TunnelService:
     """Forward ports on 127.0.0.1 to peers' loopback services, and serve peers' tunnels to ours."""
 
     def __init__(self, identity: NodeIdentity, *, is_member: Callable[[str], bool],
-                 local_target: Callable[[str], tuple[str, int] | None],
+                 local_target: Callable[[str], Target | None],
+                 allow: Callable[[str, str], str | None | Awaitable[str | None]] | None = None,
                  bind_host: str = "0.0.0.0", tcp_port: int = 0, quic_port: int = 0, prefer: str = "auto"):
         if prefer not in ("auto", "tcp", "quic"):
             raise ValueError(f"prefer must be auto, tcp or quic, not {prefer!r}")
         self.identity = identity
         self.is_member = is_member
         self.local_target = local_target
+        self.allow = allow  # (dialer node id, kind) -> refusal reason or None
         self.bind_host = bind_host
         self.tcp_port = tcp_port
         self.quic_port = quic_port
@@ -766,22 +772,32 @@ class TunnelService:
 
     # -- serving side ----------------------------------------------------------------------------
 
-    def _refusal(self, dialer_id: str, header: object) -> tuple[str | None, tuple[str, int] | None]:
+    async def _refusal(self, dialer_id: str, header: object) -> tuple[str | None, Target | None]:
         if not self.is_member(dialer_id):
             return f"node {dialer_id} is not a member of this mesh", None
         if not isinstance(header, dict) or header.get("type") != "open" or not isinstance(header.get("kind"), str):
             return "malformed tunnel header", None
         kind = header["kind"]
+        if self.allow is not None:
+            # Least privilege: which member may open which kind (e.g. RPC only from the plan's host).
+            reason = self.allow(dialer_id, kind)
+            if inspect.isawaitable(reason):
+                reason = await reason
+            if reason is not None:
+                return reason, None
         target = self.local_target(kind)
         if target is None:
             return f"no local service for tunnel kind {kind[:40]!r}", None
         return None, target
 
-    async def _connect_target(self, splice: _Splice, target: tuple[str, int]) -> None:
+    async def _connect_target(self, splice: _Splice, target: Target) -> None:
         loop = asyncio.get_running_loop()
         # connection_made pauses reading until the tunnel is attached
-        await asyncio.wait_for(loop.create_connection(lambda: splice.local_side, target[0], target[1]),
-                               TARGET_CONNECT_TIMEOUT)
+        if isinstance(target, str):
+            connecting = loop.create_unix_connection(lambda: splice.local_side, target)
+        else:
+            connecting = loop.create_connection(lambda: splice.local_side, target[0], target[1])
+        await asyncio.wait_for(connecting, TARGET_CONNECT_TIMEOUT)
 
     async def _serve_tls(self, sock: socket.socket) -> None:
         setup = _TlsSetup(sock, self._server_tls, server_side=True)
@@ -813,7 +829,7 @@ class TunnelService:
         dialer_id, _claims = check_answer(await setup.read_frame(), nonce,
                                           self.identity.node_id, TLS_AUTH_CONTEXT)
         header = await setup.read_frame()
-        reason, target = self._refusal(dialer_id, header)
+        reason, target = await self._refusal(dialer_id, header)
         if reason is not None:
             self._note_refusal(dialer_id, reason)
             await setup.send({"type": "verdict", "ok": False, "reason": reason})
@@ -823,9 +839,9 @@ class TunnelService:
         splice = _Splice(self, dialer_id, stats, None)
         self._splices.add(splice)
         try:
-            splice.local_sock = await _connect_tcp(target, TARGET_CONNECT_TIMEOUT)  # type: ignore[arg-type]
+            splice.local_sock = await _connect_local(target, TARGET_CONNECT_TIMEOUT)  # type: ignore[arg-type]
         except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"local {header['kind']} service at {target[0]}:{target[1]} is not reachable: {exc}"  # type: ignore[index]
+            reason = f"local {header['kind']} service at {_describe(target)} is not reachable: {exc}"  # type: ignore[index]
             stats.last_error = reason
             splice.close(abort=True)
             await setup.send({"type": "verdict", "ok": False, "reason": reason})
@@ -865,7 +881,7 @@ class TunnelService:
         except (FrameError, asyncio.TimeoutError, ConnectionError):
             writer.transport.abort()
             return
-        reason, target = self._refusal(dialer_id, header)
+        reason, target = await self._refusal(dialer_id, header)
         if reason is not None:
             self._note_refusal(dialer_id, reason)
             writer.write(encode_frame({"type": "verdict", "ok": False, "reason": reason}))
@@ -877,7 +893,7 @@ class TunnelService:
         try:
             await self._connect_target(splice, target)  # type: ignore[arg-type]
         except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"local {header['kind']} service at {target[0]}:{target[1]} is not reachable: {exc}"  # type: ignore[index]
+            reason = f"local {header['kind']} service at {_describe(target)} is not reachable: {exc}"  # type: ignore[index]
             stats.last_error = reason
             writer.write(encode_frame({"type": "verdict", "ok": False, "reason": reason}))
             writer.close()
@@ -923,6 +939,24 @@ async def _race_tcp_connect(addrs: list[tuple[str, int]], timeout: float) -> tup
     if winner is not None:
         return winner
     raise ConnectionError("TCP: " + ("; ".join(errors) or "no address"))
+
+
+def _describe(target: Target | None) -> str:
+    return target if isinstance(target, str) else f"{target[0]}:{target[1]}" if target else "?"
+
+
+async def _connect_local(target: Target, timeout: float) -> socket.socket:
+    """A connected non-blocking socket to a local service: (host, port) over TCP, or a Unix socket path."""
+    if not isinstance(target, str):
+        return await _connect_tcp(target, timeout)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 async def _connect_tcp(addr: tuple[str, int], timeout: float) -> socket.socket:

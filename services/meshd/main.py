@@ -4,7 +4,8 @@ One aioquic endpoint accepts and dials. A dialer gets in only by proving it hold
 (from an invite token) over the server's fresh nonce; the server's certificate is pinned to its
 node id. Once in, nodes gossip their announcements on a control stream and keep a direct
 connection to every other node (the host needs one to each worker anyway), so liveness is simply
-"we hold a live connection": a dead peer is noticed within ~10 s.
+"we hold a live connection": every link carries a heartbeat frame twice a second or so, and a link
+silent for `liveness_timeout` (3 s by default) is dropped.
 """
 from __future__ import annotations
 
@@ -19,16 +20,17 @@ from importlib.metadata import PackageNotFoundError, version
 
 from common.addresses import advertised_addresses
 from common.bus import ServiceBus
-from common.frames import FrameError, read_frame, send_frame
+from common.frames import FrameError, encode_frame, read_frame, send_frame
 from common.identity import AuthError, NodeIdentity
 from common.logs import setup_logging
 from common.messages import (Announcement, GatewayState, JoinRequest, MeshState, PeerView, Plan, Reply, RunnerState,
                              StatusRequest, TokenRequest)
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
-from services.meshd.gossip import DEAD_AFTER_S, forget_stale, merge_view
+from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
+                                   rotation_verdict, sign_announcement, sign_rotation)
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -51,6 +53,9 @@ class MeshSecret:
     secret: str
     generation: int = 0  # bumped by `meshctl token --rotate`; the highest generation wins in gossip
     known: dict[str, list[list]] = field(default_factory=dict)  # node id -> mesh addrs, to rejoin after a restart
+    rotation: dict | None = None  # the signed rotation that made `secret` (gossip.sign_rotation); None for gen 0
+    previous: str | None = None  # the secret before the last rotation: still admits known members until...
+    previous_until: float = 0.0  # ...this time (members that were offline during the rotation)
 
 
 @dataclass
@@ -58,6 +63,7 @@ class Link:
     conn: QuicPeerConnection
     writer: object
     last_heard: float
+    silent_for: float = 0.0  # seconds of our own running time without a frame from the peer (gossip.grown_silence)
 
 
 class Meshd:
@@ -71,6 +77,7 @@ class Meshd:
                                      authorize=self.authorize, on_connection=self.on_inbound)
         self.links: dict[str, list[Link]] = {}
         self.view: dict[str, Announcement] = {}
+        self.gossip_memory = GossipMemory()
         self.last_heard: dict[str, float] = {}
         self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
         self.errors: list[str] = []
@@ -80,6 +87,7 @@ class Meshd:
         self.plan = Plan()
         self.seq = time.time_ns()
         self._my_announcement: Announcement | None = None
+        self._signed_for = ""  # the mesh id _my_announcement is signed for
         self.started = time.monotonic()
         self._settled = False
 
@@ -113,9 +121,15 @@ class Meshd:
     def authorize(self, node_id: str, claims: dict, nonce: bytes) -> str | None:
         if claims.get("mesh") != self.secret.mesh_id:
             return "not a member of this mesh (different mesh id); ask a member for a token with `meshctl token`"
-        if not check_admission(self.secret.secret, nonce, node_id, self.me_id, claims.get("proof")):
-            return "wrong or rotated mesh secret; ask a member for a new token with `meshctl token`"
-        return None
+        proof = claims.get("proof")
+        if check_admission(self.secret.secret, nonce, node_id, self.me_id, proof):
+            return None
+        if self.secret.previous and time.time() < self.secret.previous_until \
+                and (node_id in self.secret.known or node_id in self.view) \
+                and check_admission(self.secret.previous, nonce, node_id, self.me_id, proof):
+            log.info("%s was offline during the last rotation: admitted with the previous secret", node_id[:8])
+            return None  # it gets the new secret from our gossip
+        return "wrong or rotated mesh secret; ask a member for a new token with `meshctl token`"
 
     def claims_for(self, secret: MeshSecret):
         return lambda nonce, server_id: {"mesh": secret.mesh_id,
@@ -158,8 +172,8 @@ class Meshd:
         try:
             await self.send_gossip(link)
             while True:
-                frame = await asyncio.wait_for(read_frame(reader, MAX_GOSSIP_FRAME), DEAD_AFTER_S)
-                link.last_heard = time.monotonic()
+                frame = await read_frame(reader, MAX_GOSSIP_FRAME)  # heartbeat_forever drops a silent link
+                link.last_heard, link.silent_for = time.monotonic(), 0.0
                 self.last_heard[peer_id] = time.time()
                 if frame.get("t") == "leave":
                     log.info("%s left the mesh", peer_id[:8])
@@ -167,8 +181,6 @@ class Meshd:
                     break
                 if frame.get("t") == "gossip":
                     self.on_gossip(peer_id, frame)
-        except asyncio.TimeoutError:
-            log.warning("%s went quiet for %.0f s; dropping it", peer_id[:8], DEAD_AFTER_S)
         except (FrameError, ConnectionError, OSError, asyncio.IncompleteReadError) as exc:
             log.info("link to %s closed: %s", peer_id[:8], exc or type(exc).__name__)
         except Exception:
@@ -191,18 +203,21 @@ class Meshd:
         incoming = [a for a in incoming if a.node_id != peer_id] + [a for a in incoming if a.node_id == peer_id]
         if not any(a.node_id == peer_id for a in incoming):
             return
-        self.view, changed = merge_view(self.view, incoming, self.me_id)
+        self.view, changed = merge_view(self.view, incoming, self.me_id, self.secret.mesh_id, self.gossip_memory,
+                                        time.time(), sender=peer_id)
         addrs = [list(a) for a in self.view[peer_id].mesh_addrs] if peer_id in self.view else []
         if addrs and self.secret.known.get(peer_id) != addrs:
             self.secret.known[peer_id] = addrs  # so a restart can rejoin through any member, not just the inviter
             self.save_secret()
-        secret = frame.get("secret")
-        if isinstance(secret, dict) and secret.get("mesh") == self.secret.mesh_id \
-                and isinstance(secret.get("gen"), int) and secret["gen"] > self.secret.generation \
-                and isinstance(secret.get("secret"), str) and len(secret["secret"]) == 64:
-            log.info("mesh secret rotated by a member (generation %d)", secret["gen"])
-            self.secret.secret, self.secret.generation = secret["secret"], secret["gen"]
-            self.save_secret()
+        members = set(self.secret.known) | set(self.view) | {peer_id, self.me_id}
+        rotation, refused = rotation_verdict(frame.get("secret"), self.secret.mesh_id, self.secret.generation,
+                                             self.secret.secret, members)
+        if refused:
+            self.gossip_memory.dropped["bad_rotation"] += 1
+            log.info("ignored a rotation of the mesh secret from %s: %s", peer_id[:8], refused)
+        elif rotation:
+            log.info("mesh secret rotated by %s (generation %d)", rotation["by"][:8], rotation["gen"])
+            self.adopt_secret(rotation)
             changed = True
         if changed:
             self.bus.state_changed()
@@ -216,15 +231,19 @@ class Meshd:
             rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
-        if self._my_announcement is None or self._my_announcement.model_dump(exclude={"seq", "kind"}) != fields:
+        mesh_id = self.secret.mesh_id
+        if self._my_announcement is None or self._signed_for != mesh_id or \
+                self._my_announcement.model_dump(exclude={"seq", "kind", "sig", "public_key"}) != fields:
             self.seq = max(self.seq + 1, time.time_ns())
-            self._my_announcement = Announcement(seq=self.seq, **fields)
+            self._my_announcement = sign_announcement(Announcement(seq=self.seq, **fields), mesh_id, self.identity)
+            self._signed_for = mesh_id
         return self._my_announcement
 
     async def send_gossip(self, link: Link) -> None:
         frame = {"t": "gossip", "anns": [self.announcement().model_dump(mode="json")] +
-                 [a.model_dump(mode="json") for a in self.view.values()],
-                 "secret": {"mesh": self.secret.mesh_id, "gen": self.secret.generation, "secret": self.secret.secret}}
+                 [a.model_dump(mode="json") for a in self.view.values()]}
+        if self.secret.rotation:
+            frame["secret"] = self.secret.rotation
         await asyncio.wait_for(send_frame(link.writer, frame), 5.0)
 
     async def gossip_forever(self) -> None:
@@ -238,12 +257,33 @@ class Meshd:
                         log.info("gossip to %s failed: %s", link.conn.peer_node_id[:8], type(exc).__name__)
                         await link.conn.close()
 
+    async def heartbeat_forever(self) -> None:
+        """A small frame on every link several times per liveness timeout, and drop links that stay silent.
+        Writes do not wait for a slow peer, so one stuck link cannot silence the others."""
+        timeout = self.settings.liveness_timeout
+        interval = heartbeat_interval(timeout)
+        frame = encode_frame({"t": "hb"})
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            elapsed, last = now - last, now
+            for links in list(self.links.values()):
+                for link in list(links):
+                    link.silent_for = grown_silence(link.silent_for, elapsed, interval)
+                    if link.silent_for >= timeout:
+                        log.warning("%s went quiet for %.1f s; dropping it", link.conn.peer_node_id[:8], link.silent_for)
+                        link.silent_for = float("-inf")  # closing once is enough
+                        asyncio.ensure_future(link.conn.close())
+                    elif not link.conn.is_closed:
+                        link.writer.write(frame)
+
     async def connect_forever(self) -> None:
         """Keep a direct connection to every node we know of (from gossip or from before a restart)."""
         dialing: dict[str, asyncio.Task] = {}
         while True:
             await asyncio.sleep(1.0)
-            self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time())
+            self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time(), self.gossip_memory)
             targets = {nid: a.mesh_addrs for nid, a in self.view.items()}
             for nid, addrs in self.secret.known.items():
                 targets.setdefault(nid, addrs)
@@ -305,11 +345,17 @@ class Meshd:
 
     def on_token(self, request: TokenRequest) -> Reply:
         if request.rotate:
-            self.secret.secret, self.secret.generation = new_secret(), self.secret.generation + 1
-            self.save_secret()
+            self.adopt_secret(sign_rotation(self.secret.mesh_id, self.secret.generation + 1, new_secret(), self.identity))
             log.info("mesh secret rotated (generation %d): old tokens no longer admit new nodes", self.secret.generation)
             self.bus.state_changed()
         return Reply(ok=True, data={"token": self.token()})
+
+    def adopt_secret(self, rotation: dict) -> None:
+        """Take a signed rotation; the secret it replaces still admits known members for a while."""
+        s = self.secret
+        s.previous, s.previous_until = s.secret, time.time() + self.settings.rotation_grace
+        s.secret, s.generation, s.rotation = rotation["secret"], rotation["gen"], rotation
+        self.save_secret()
 
     # --- bus ---------------------------------------------------------------------------------------
 
@@ -322,8 +368,9 @@ class Meshd:
             status = "connected" if links else (f"unreachable ({failures} failed dials)" if failures else "connecting")
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
                                   last_heard=self.last_heard.get(node_id, 0.0), status=status))
-        return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, token=self.token(), listen=self.listen,
-                         me=self.announcement(), peers=peers, errors=self.errors, settled=self.settled())
+        return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
+                         me=self.announcement(), peers=peers, errors=self.errors, settled=self.settled(),
+                         gossip_dropped=dict(self.gossip_memory.dropped))
 
     def settled(self) -> bool:
         """Every member known from before this start is connected again or was tried once (or time ran out)."""
@@ -351,7 +398,7 @@ class Meshd:
         host, port = await self.endpoint.start()
         self.listen = advertised_addresses(host, port, self.settings.advertise)
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
-        log.info("Invite token: %s", self.token())
+        log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -361,7 +408,7 @@ class Meshd:
             self.bus.receive_forever({RunnerState: self.on_runner, GatewayState: self.on_gateway, Plan: self.on_plan}),
             self.bus.serve_control_forever({StatusRequest: self.on_status, JoinRequest: lambda r: self.join(r.token),
                                             TokenRequest: self.on_token}),
-            self.gossip_forever(), self.connect_forever())]
+            self.gossip_forever(), self.heartbeat_forever(), self.connect_forever())]
         for token in self.settings.join:
             asyncio.ensure_future(self.join(token))
         await stopping.wait()
@@ -383,7 +430,7 @@ class Meshd:
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     setup_logging(settings.home, "meshd", settings.log_level)
     asyncio.run(Meshd(settings).serve())
 

@@ -21,10 +21,11 @@ from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
+from common.local_keys import new_llama_key
 from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
                              WeightLoad)
-from common.settings import Settings, load_settings
+from common.settings import Settings, service_settings
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
 from services.runnerd.memory import detect_memory
@@ -198,6 +199,8 @@ class Runnerd:
         port = free_loopback_port()
         args = list(spec)
         args[args.index("--port") + 1] = str(port)
+        # Other local users can reach 127.0.0.1 too: a fresh key that only gatewayd reads guards it.
+        args += ["--api-key-file", str(new_llama_key(self.settings.home))]
         self.llama_spec = spec
         self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"))
         started = time.monotonic()
@@ -308,7 +311,7 @@ async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]
 
 
 def main() -> None:
-    settings = load_settings()
+    settings = service_settings()
     log = setup_logging(settings.home, "runnerd", settings.log_level)
     if settings.client:
         log.info("lite client: runnerd has nothing to do")

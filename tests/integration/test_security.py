@@ -2,6 +2,7 @@
 localhost unless --listen-all (which needs an API key), secrets owner-only."""
 from __future__ import annotations
 
+import json
 import stat
 
 import httpx
@@ -53,6 +54,10 @@ def test_exposure_of_a_running_node(tmp_path):
 def test_listen_all_requires_an_api_key(tmp_path):
     out = meshctl("up", "--listen-all", home=tmp_path / "x")
     assert out.returncode == 2 and "--api-key" in out.stderr
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "config.toml").write_text('api_host = "0.0.0.0"\n')  # the config file is no way around it
+    out = meshctl("up", home=tmp_path / "y", env={"MESH_HOME": str(tmp_path / "y")})
+    assert out.returncode == 2 and "--api-key" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
     node = Node(tmp_path / "k", extra=["--listen-all", "--api-key", "s3cret"]).start()
     try:
         node.wait_serving()
@@ -64,5 +69,17 @@ def test_listen_all_requires_an_api_key(tmp_path):
         assert allowed.status_code == 200
         api = [s for s in listening_sockets(node.proc.pid) if s[2] == node.port]
         assert api and api[0][1] == "0.0.0.0"
+        # The secret and the token leave only through `meshctl token`: no route, error or log holds them.
+        secret = json.loads((node.home / "mesh.json").read_text())["secret"]
+        token = node.token()
+        key = {"Authorization": "Bearer s3cret"}
+        for path in ("/mesh/status", "/metrics", "/health", "/v1/models", "/nope"):
+            assert httpx.get(f"{node.api}{path}", timeout=30).status_code == 401, path
+            answer = httpx.get(f"{node.api}{path}", headers=key, timeout=30)
+            assert secret not in answer.text and token not in answer.text, path
+        assert httpx.get(f"{node.api}/mesh/status", headers=key, timeout=30).json()["mesh"]["node_id"]
+        for log in (node.home / "logs").glob("*.log"):
+            text = log.read_text(errors="replace")
+            assert secret not in text and token not in text, log
     finally:
         node.stop()

@@ -174,6 +174,53 @@ def test_refusals_carry_the_reason(identities, prefer: str) -> None:
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("prefer", ["tcp", "quic"])
+def test_allow_decides_who_opens_which_kind_and_unix_targets_work(identities, tmp_path: Path, prefer: str) -> None:
+    """Least privilege: members pass `is_member`, then `allow` (which may take its time) says who may
+    open what; an HTTP-style target can be a Unix socket, which other local users cannot reach."""
+    a, b, c = identities
+
+    async def main():
+        echo_server, echo_port = await start_echo_server()
+        unix_path = str(tmp_path / "api.sock")
+        unix_server = await asyncio.start_unix_server(lambda r, w: echo_handle(r, w), unix_path)
+
+        async def allow(dialer: str, kind: str):
+            await asyncio.sleep(0.2)  # gatewayd waits a moment for its plan to agree with the host's
+            return None if kind == "http" or dialer == a.node_id else f"node {dialer[:8]} is not the host"
+        far = TunnelService(b, is_member=lambda n: True, allow=allow,
+                            local_target=lambda kind: ("127.0.0.1", echo_port) if kind == "rpc" else unix_path,
+                            bind_host="127.0.0.1")
+        tcp, quic = await far.start()
+        far_addrs = PeerDataAddrs(b.node_id, tcp, quic)
+        host = TunnelService(a, is_member=lambda n: True, local_target=lambda k: None, bind_host="127.0.0.1",
+                             prefer=prefer)
+        other = TunnelService(c, is_member=lambda n: True, local_target=lambda k: None, bind_host="127.0.0.1",
+                              prefer=prefer)
+        await host.start()
+        await other.start()
+        port = await other.open_forward(far_addrs, "rpc")
+        assert await refused_through(port) == b""
+        await wait_for_condition(lambda: "not the host" in other.stats()[b.node_id]["last_error"], 5, "refusal")
+        port = await other.open_forward(far_addrs, "http")
+        assert await echo_through(port, b"GET / HTTP/1.1\r\n\r\n") == b"GET / HTTP/1.1\r\n\r\n"
+        port = await host.open_forward(far_addrs, "rpc")
+        assert await echo_through(port, b"rpc from the host") == b"rpc from the host"
+        for service in (host, other, far):
+            await service.close()
+        echo_server.close()
+        unix_server.close()
+    asyncio.run(main())
+
+
+async def echo_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(1 << 16):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+    writer.close()
+
+
 def test_auto_falls_back_to_quic_and_remembers(identities) -> None:
     a, b, _ = identities
 

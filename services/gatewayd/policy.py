@@ -1,0 +1,26 @@
+"""Which member may open which tunnel to this node — pure functions.
+
+A worker's ggml-rpc-server has no authentication of its own and can read and write the worker's
+memory through its commands, so only the host of this node's current plan may reach it, over a
+link meshd reports live. HTTP tunnels end at gatewayd's members' API, which any member may use.
+"""
+from __future__ import annotations
+
+from common.messages import Plan
+
+RPC_PLAN_WAIT_S = 3.0  # below the dialer's setup timeout (tunnels.SETUP_TIMEOUT)
+
+
+def rpc_refusal(kind: str, plan: Plan, me: str, dialer: str, *, connected: bool) -> str | None:
+    """Why `dialer` may not open a `kind` tunnel here, or None."""
+    if kind != "rpc":
+        return f"no tunnel kind {kind[:40]!r} here"
+    if plan.state != "split" or not plan.host:
+        return f"this node serves no split now ({plan.state}); only its plan's host may use its rpc-server"
+    if dialer != plan.host:
+        return f"node {dialer[:8]} is not the host of this node's plan (the host is {plan.host[:8]})"
+    if me not in {m.node_id for m in plan.members}:
+        return "this node is not a member of its plan's split"
+    if not connected:
+        return f"no live mesh link to the host {dialer[:8]}"
+    return None
