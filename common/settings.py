@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 DEFAULT_HOME = Path("~/.mesh-inference")
@@ -68,8 +68,15 @@ class Settings(BaseSettings):
     max_vram: Annotated[int | None, NoDecode] = Field(None, description="memory this node offers, e.g. 8G (overrides detection)")
     ctx_size: int = Field(4096, ge=256, description="llama-server context size")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp")
+    speculative: Literal["auto", "off", "ngram", "draft"] = Field(
+        "auto", description="speculative decoding on the host: auto (on where a split crosses the network), "
+                            "off, ngram (drafts from the context), draft (a small model, --draft-model)")
+    draft_model: Path | None = Field(None, description="draft GGUF for --speculative draft/auto: a small model with "
+                                                       "the same vocabulary, run on the host's own device")
     wait_for_host: float = Field(60.0, ge=0, description="seconds an API request waits for a serving host before 503")
     settle_delay: float = Field(2.0, ge=0, description="seconds membership must be stable before a new plan")
+    max_rtt_ms: float = Field(80.0, ge=0, description="the host leaves a member whose round trip to it is above this "
+                                                       "(ms) out of the split unless its memory is needed; 0 = no bound")
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this")
     log_level: str = Field("INFO")
 
@@ -97,7 +104,13 @@ class Settings(BaseSettings):
     def _memory(cls, value: Any) -> int | None:
         return parse_memory(value)
 
-    @field_validator("home", "model", "bin_dir", mode="after")
+    @model_validator(mode="after")
+    def _draft_needs_model(self) -> "Settings":
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("speculative = draft needs a draft model: pass --draft-model PATH (MESH_DRAFT_MODEL)")
+        return self
+
+    @field_validator("home", "model", "bin_dir", "draft_model", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None
