@@ -25,8 +25,12 @@ serve *FLAGS: build
 test *ARGS: build download-model
     {{py}} -m pytest {{ARGS}}
 
-# Data-plane benchmark: stock llama.cpp RPC vs the mesh's tunnels, with injected delay
+# Product-layout benchmark: stock llama.cpp RPC vs the mesh (speculation off / auto), real text, 0/5/20/50 ms
 bench *ARGS: build download-model
+    {{py}} -m bench.bench_product {{ARGS}}
+
+# Data-plane benchmark: stock llama.cpp RPC vs the mesh's tunnels, with injected delay; split load times
+bench-rpc *ARGS: build download-model
     {{py}} -m bench.bench_rpc {{ARGS}}
 
 stop:

@@ -119,10 +119,11 @@ class Setup:
     def ready(self, timeout: float) -> None:
         wait_until_healthy(self.llama, timeout=timeout)
 
-    def ask(self, client: httpx.Client, messages: list[dict], max_tokens: int) -> dict:
+    def ask(self, client: httpx.Client, messages: list[dict], max_tokens: int, ignore_eos: bool = False) -> dict:
         before = self.draft_counts(client)
         response = client.post(f"{self.llama.url}/v1/chat/completions", json={
-            "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "cache_prompt": False})
+            "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "cache_prompt": False,
+            "ignore_eos": ignore_eos})
         if response.status_code != 200:
             self.llama.check_alive()
             response.raise_for_status()
@@ -149,11 +150,13 @@ def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
             s.ask(client, WORKLOADS["free"](99), 4)
         max_tokens = QUICK_MAX_TOKENS if args.quick else MAX_TOKENS
+        if args.max_tokens:
+            max_tokens = {w: args.max_tokens for w in max_tokens}
         for workload in args.workloads:
             for prompt in range(args.prompts):
                 order = setups[prompt % 3:] + setups[:prompt % 3]  # rotate who goes first
                 for s in order:
-                    body = s.ask(client, WORKLOADS[workload](prompt), max_tokens[workload])
+                    body = s.ask(client, WORKLOADS[workload](prompt), max_tokens[workload], args.ignore_eos)
                     timings = body["timings"]
                     text = body["choices"][0]["message"]["content"]
                     drafts = body["_drafts"]
@@ -257,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workloads", type=_list, default=list(WORKLOADS), help="edit, free")
     parser.add_argument("--prompts", type=int, default=3, help="distinct prompts per workload (median reported)")
     parser.add_argument("--quick", action="store_true", help="one prompt per workload, fewer tokens")
+    parser.add_argument("--max-tokens", type=int, help="tokens per answer for every workload (default: per workload)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="always decode --max-tokens (for random-weight models, whose answers end anywhere)")
     parser.add_argument("--bin-dir", type=Path)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="product-latest", help="file name of the results (json, png)")
