@@ -55,8 +55,12 @@ test *ARGS: build download-model (download-model "gemma")
 bundle *ARGS: build
     {{py}} scripts/bundle.py {{ARGS}}
 
-# Data-plane benchmark: stock llama.cpp RPC vs the mesh's tunnels, with injected delay (Gemma 3 270M)
-bench *ARGS: build (download-model "gemma")
+# Product-layout benchmark: stock llama.cpp RPC vs the mesh (speculation off / auto), real text, 0/5/20/50 ms
+bench *ARGS: build download-model (download-model "gemma")
+    {{py}} -m bench.bench_product {{ARGS}}
+
+# Data-plane benchmark: stock llama.cpp RPC vs the mesh's tunnels, with injected delay; split load times (Gemma 3 270M)
+bench-rpc *ARGS: build (download-model "gemma")
     {{py}} -m bench.bench_rpc {{ARGS}}
 
 # Solo node: time to first answer and decode speed through :9337 vs llama-server directly

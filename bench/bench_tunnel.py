@@ -1,5 +1,7 @@
 """Micro-benchmark of the data-plane tunnels: request/response latency and bulk throughput through
-direct TCP, the tls-tcp lane and the quic lane (services/gatewayd/tunnels.py), on loopback.
+direct TCP, the tls-tcp lane and the quic lane (services/gatewayd/tunnels.py), on loopback; and, to
+tell where a lane's time goes, one and two plain asyncio TCP relays (tests/support/delay_relay.py,
+each its own process, no TLS, no framing): the cost of a Python hop alone.
 
     python -m bench.bench_tunnel                    # all three paths
     python -m bench.bench_tunnel --paths quic --pings 5000 --bulk-mb 64 --json out.json
@@ -31,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-PATHS = ("direct", "tls-tcp", "quic")
+PATHS = ("direct", "relay1", "relay2", "tls-tcp", "quic")
+RELAY_HOPS = {"relay1": 1, "relay2": 2}
 
 
 # --- the target: echo ("rpc") and sink ("http"), blocking threads so it costs the paths little --
@@ -204,6 +207,17 @@ def _stop(proc: subprocess.Popen) -> str:
     return err
 
 
+def _spawn_relay(target_port: int) -> tuple[subprocess.Popen, int]:
+    """A plain asyncio TCP relay (the delay relay at 0 ms) in its own process."""
+    proc = subprocess.Popen([sys.executable, "-m", "tests.support.delay_relay", "--target", f"127.0.0.1:{target_port}"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "relaying TCP 127.0.0.1:PORT -> ..."
+    if not line.startswith("relaying"):
+        proc.kill()
+        raise RuntimeError(f"relay did not start: {proc.stderr.read()}")
+    return proc, int(line.split()[2].rsplit(":", 1)[1])
+
+
 def run_bench(paths: list[str], pings: int, bulk_mb: int, repeat: int) -> list[dict]:
     """All paths stay up while the measurements run `repeat` rounds, interleaved, so that
     interference from the rest of the machine hits every path alike; each row keeps the best
@@ -214,11 +228,19 @@ def run_bench(paths: list[str], pings: int, bulk_mb: int, repeat: int) -> list[d
         target, target_ports = _spawn("--role", "target")
         procs.append(target)
         forward_ports = {"direct": target_ports}
-        if set(paths) - {"direct"}:
+        relays: list[subprocess.Popen] = []
+        for path in (p for p in paths if p in RELAY_HOPS):
+            ports = dict(target_ports)
+            for _ in range(RELAY_HOPS[path]):
+                for kind in ports:
+                    relay, ports[kind] = _spawn_relay(ports[kind])
+                    relays.append(relay)
+            forward_ports[path] = ports
+        if set(paths) - {"direct", *RELAY_HOPS}:
             gateway_b, peer = _spawn("--role", "gateway-b", str(work / "b"), json.dumps(target_ports))
             procs.append(gateway_b)
             for path in paths:
-                if path != "direct":
+                if path in ("tls-tcp", "quic"):
                     prefer = "tcp" if path == "tls-tcp" else "quic"
                     gateway_a, forward_ports[path] = _spawn("--role", "gateway-a", str(work / f"a-{prefer}"),
                                                             json.dumps(peer), prefer)
@@ -237,6 +259,9 @@ def run_bench(paths: list[str], pings: int, bulk_mb: int, repeat: int) -> list[d
     finally:
         for proc in procs:
             _stop(proc)
+        for relay in locals().get("relays", []):
+            relay.terminate()
+            relay.wait(timeout=10)
     rows = []
     for path in paths:
         best_ping = min(rounds[path], key=lambda r: r["ping_median_us"])

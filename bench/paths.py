@@ -4,7 +4,7 @@ A path is a function `(rpc_endpoints, rtt_ms) -> context manager` whose value is
 (host, port) that llama-server's `--rpc` should dial, one per rpc-server, in the same order. While
 the context is open the path carries the traffic; leaving it tears the path down. `rtt_ms` is the
 round-trip delay to inject on the path's network leg (0: none). TCP legs get it from a
-`DelayRelay` on the wire (see `_wire`); a UDP leg (QUIC) needs a delay of its own.
+`DelayRelay` on the wire (see `_wire`); a UDP leg (QUIC) gets it from a `UdpDelayRelay`.
 
 To report traffic (bytes, round trips), a path yields `Endpoints(addresses, meters=[...])`, a
 list with meters attached; each meter has `snapshot() -> TrafficStats` (as `DelayRelay` does).
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Iterator, Protocol
 
-from tests.support.delay_relay import Address, DelayRelay, EventLoopThread, TrafficStats
+from tests.support.delay_relay import Address, DelayRelay, EventLoopThread, TrafficStats, UdpDelayRelay
 
 
 class TrafficMeter(Protocol):
@@ -163,7 +163,8 @@ def tls_relay(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Addr
 @contextmanager
 def _mesh_tunnels(rpc_endpoints: list[Address], rtt_ms: float, prefer: str) -> Iterator[list[Address]]:
     """The real gatewayd tunnel ends, one process per node: a worker end in front of each rpc-server,
-    one host end with a forward per worker; the delay relay sits on the TCP leg between them."""
+    one host end with a forward per worker; the delay relay sits on the lane's leg between them
+    (TCP, or UDP for the QUIC lane)."""
     import json
     import subprocess
     import sys
@@ -188,9 +189,11 @@ def _mesh_tunnels(rpc_endpoints: list[Address], rtt_ms: float, prefer: str) -> I
             for i, endpoint in enumerate(rpc_endpoints):
                 _, hello = spawn("worker", str(Path(tmp) / f"w{i}"), host_id, f"{endpoint[0]}:{endpoint[1]}")
                 if rtt_ms > 0:
-                    relay = start(DelayRelay(tuple(hello["tcp"][0]), rtt_ms=rtt_ms))
+                    lane = "quic" if prefer == "quic" else "tcp"
+                    relay_type = UdpDelayRelay if lane == "quic" else DelayRelay
+                    relay = start(relay_type(tuple(hello[lane][0]), rtt_ms=rtt_ms))
                     relays.append(relay)
-                    hello["tcp"] = [relay.address]
+                    hello[lane] = [relay.address]
                 peers.append(json.dumps(hello))
             _, opened = spawn("host", str(host_home), prefer, *peers)
             yield Endpoints([("127.0.0.1", port) for port in opened["ports"]], meters=relays)
@@ -211,10 +214,8 @@ def mesh_path(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Addr
         yield endpoints
 
 
-@register("mesh-quic", "the mesh's QUIC lane, the path that always connects (no delay injection on UDP)")
+@register("mesh-quic", "the mesh's QUIC lane, the path that always connects (delay from a UDP relay)")
 @contextmanager
 def mesh_quic_path(rpc_endpoints: list[Address], rtt_ms: float) -> Iterator[list[Address]]:
-    if rtt_ms > 0:
-        raise NotImplementedError("the delay relay is TCP-only; the QUIC lane is measured at 0 ms added RTT")
-    with _mesh_tunnels(rpc_endpoints, 0, prefer="quic") as endpoints:
+    with _mesh_tunnels(rpc_endpoints, rtt_ms, prefer="quic") as endpoints:
         yield endpoints

@@ -46,6 +46,16 @@ class WeightLoad(Message):
     misses: int = 0
 
 
+class SpeculationState(Message):
+    """Speculative decoding in the running llama-server: the mode chosen, why, and how it fares."""
+    setting: str = ""  # auto | off | ngram | draft
+    mode: str = ""  # off | ngram | draft
+    reason: str = ""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    acceptance_rate: float | None = None
+
+
 class RunnerState(Message):
     kind: Literal["runner_state"] = "runner_state"
     node_id: str = ""
@@ -58,6 +68,7 @@ class RunnerState(Message):
     llama: ChildState = Field(default_factory=ChildState)
     llama_plan_key: str = ""
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
+    speculation: SpeculationState = Field(default_factory=SpeculationState)
     error: str | None = None
     status: str = ""
 

@@ -103,6 +103,16 @@ class Settings(BaseSettings):
     ctx_size: int = Field(4096, ge=256, description="llama-server context size")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp",
                                 json_schema_extra=cli(default="llama.cpp's"))
+    speculative: Literal["auto", "off", "ngram", "draft"] = Field(
+        "auto", description="speculative decoding on the host: auto (on where a split crosses the network), "
+                            "off, ngram (drafts from the context), draft (a small model, --draft-model)",
+        json_schema_extra=cli(metavar="MODE"))
+    draft_model: Path | None = Field(None, description="draft GGUF for --speculative draft/auto: a small model with "
+                                                       "the same vocabulary, run on the host's own device",
+                                     json_schema_extra=cli(default="none"))
+    max_rtt_ms: float = Field(80.0, ge=0, description="the host leaves a member whose round trip to it is above this "
+                                                       "(ms) out of the split unless its memory is needed; 0 = no bound",
+                              json_schema_extra=cli(metavar="MS"))
     wait_for_host: float = Field(60.0, ge=0, description="seconds an API request waits for a serving host before 503",
                                  json_schema_extra=cli(metavar="SECONDS"))
     settle_delay: float = Field(2.0, ge=0, description="seconds membership must be stable before a new plan",
@@ -155,7 +165,13 @@ class Settings(BaseSettings):
     def _memory(cls, value: Any) -> int | None:
         return parse_memory(value)
 
-    @field_validator("home", "model", "bin_dir", "models_dir", "llama_cache", "llama_source", mode="after")
+    @model_validator(mode="after")
+    def _draft_needs_model(self) -> "Settings":
+        if self.speculative == "draft" and self.draft_model is None:
+            raise ValueError("speculative = draft needs a draft model: pass --draft-model PATH (MESH_DRAFT_MODEL)")
+        return self
+
+    @field_validator("home", "model", "bin_dir", "draft_model", "models_dir", "llama_cache", "llama_source", mode="after")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:
         return value.expanduser() if value is not None else None

@@ -207,6 +207,12 @@ def render_status(status: dict) -> str:
     if "rpc" in runner:
         lines.append(f"rpc-server: {runner['rpc']['state']} (port {runner['rpc'].get('port')})  "
                      f"llama-server: {runner['llama']['state']} {runner['llama'].get('detail', '')}")
+    spec = runner.get("speculation") or {}
+    if spec.get("mode"):
+        rate = spec.get("acceptance_rate")
+        accepted = (f"; drafts accepted {rate:.0%} ({spec['accepted_tokens']}/{spec['drafted_tokens']} tokens)"
+                    if rate is not None else ("; no drafts yet" if spec["mode"] != "off" else ""))
+        lines.append(f"speculative decoding: {spec['mode']} — {spec.get('reason', '')}{accepted}")
     for w in runner.get("weights", []):
         lines.append(f"weights of {w['node_id'][:8]}: {w['local_bytes'] / 1e6:.1f} MB from its own GGUF, "
                      f"{w['sent_bytes'] / 1e6:.1f} MB sent" + (f" ({w['misses']} tensors missed)" if w["misses"] else ""))

@@ -3,6 +3,11 @@
 Every node computes the same answer from the same facts, so there is no consensus protocol:
 the highest memory wins, ties go to the highest node id; the model is split in proportion to
 memory; when pooled memory is short of model size × margin, the mesh waits for more peers.
+
+Round trips: every token waits on every worker of the split, so a worker far from the host costs
+more than its layers save. The host leaves out a member whose round trip to it is above
+`max_rtt_ms` unless the model needs that member's memory (closest first). Only the host measures
+its own round trips, so this is the host's decision; other nodes still list such a member.
 """
 from __future__ import annotations
 
@@ -21,6 +26,38 @@ class Candidate:
     fingerprint: str | None
     role: str = "worker"
     rpc_ready: bool = True
+    rtt_ms: float | None = None  # round trip from the node computing the plan; None: not measured
+
+
+DEFAULT_MAX_RTT_MS = 80.0  # past this, mesh-llm found that splits stop paying
+# A member already serving stays until its round trip is this much above the bound, so a round
+# trip that wobbles around it does not restart llama-server at each wobble.
+KEEP_FACTOR = 1.25
+
+
+def far_members(host: Candidate, others: list[Candidate], needed: int, *, max_rtt_ms: float | None,
+                current: frozenset[str] = frozenset()) -> tuple[list[Candidate], list[Exclusion]]:
+    """Split the host's partners into (kept, left out for their round trip). A far member is kept
+    when the rest do not hold enough memory, the closest first."""
+    if max_rtt_ms is None:
+        return others, []
+
+    def bound(c: Candidate) -> float:
+        return max_rtt_ms * (KEEP_FACTOR if c.node_id in current else 1.0)
+
+    near = [c for c in others if c.rtt_ms is None or c.rtt_ms <= bound(c)]
+    far = sorted((c for c in others if c not in near), key=lambda c: (c.rtt_ms, c.node_id))
+    kept = list(near)
+    have = host.memory_bytes + sum(c.memory_bytes for c in near)
+    excluded = []
+    for c in far:
+        if have < needed:
+            kept.append(c)
+            have += c.memory_bytes
+        else:
+            excluded.append(Exclusion(node_id=c.node_id, reason=f"round trip {c.rtt_ms:.0f} ms to the host is above "
+                                                                f"{max_rtt_ms:g} ms (max_rtt_ms); memory not needed"))
+    return [c for c in others if c in kept], excluded
 
 
 def elect_host(candidates: list[Candidate]) -> Candidate:
@@ -47,8 +84,10 @@ def fmt_gb(n: int) -> str:
 
 
 def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, margin: float = 1.1,
-              force_split: bool = False, tensor_split: list[float] | None = None) -> Plan:
-    """The plan for the mesh as this node sees it. `me` is None on a node without a model."""
+              force_split: bool = False, tensor_split: list[float] | None = None,
+              max_rtt_ms: float | None = DEFAULT_MAX_RTT_MS, current: frozenset[str] = frozenset()) -> Plan:
+    """The plan for the mesh as this node sees it. `me` is None on a node without a model.
+    `peers[].rtt_ms` is this node's round trip to each; `current` the members of the plan now serving."""
     if me is None:
         return Plan(state="no-model", reason="this node has no model")
     if me.role == "client":
@@ -75,6 +114,16 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
                     available_bytes=host.memory_bytes, key=plan_key(host.node_id, members),
                     reason=f"elected {host.node_id[:8]} ({fmt_gb(host.memory_bytes)} for a {fmt_gb(model_size)} model)")
 
+    if host.node_id == me.node_id:
+        partners, too_far = far_members(host, [c for c in eligible if c is not host], needed, max_rtt_ms=max_rtt_ms,
+                                    current=current)
+        eligible, excluded = [host, *partners], excluded + too_far
+        if len(eligible) == 1 and host.memory_bytes >= needed:
+            members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0)]
+            return Plan(state="solo", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
+                        available_bytes=host.memory_bytes, key=plan_key(host.node_id, members),
+                        reason=f"elected {host.node_id[:8]} ({fmt_gb(host.memory_bytes)} for a {fmt_gb(model_size)} "
+                               f"model); every other member is too far away to split with")
     ordered = sorted(eligible, key=lambda c: (c.memory_bytes, c.node_id), reverse=True)  # host first
     available = sum(c.memory_bytes for c in ordered)
     if available < needed:

@@ -49,10 +49,12 @@ class Electd:
             return Plan(state="no-model", reason=self.runner.error or self.runner.status or "no model loaded yet")
         me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint)
         peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
-                           p.announcement.role, p.announcement.rpc_ready)
+                           p.announcement.role, p.announcement.rpc_ready, p.rtt_ms)
                  for p in self.mesh.peers if p.connected]
+        serving = frozenset(m.node_id for m in self.plan.members) if self.plan.state == "split" else frozenset()
         return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,
-                         force_split=self.settings.split, tensor_split=self.settings.tensor_split)
+                         force_split=self.settings.split, tensor_split=self.settings.tensor_split,
+                         max_rtt_ms=self.settings.max_rtt_ms or None, current=serving)
 
     def reconsider(self) -> None:
         candidate = self.candidate_plan()

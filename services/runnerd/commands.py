@@ -33,11 +33,13 @@ def rpc_server_args(binaries: Binaries, port: int, model: ModelInfo, *, device: 
 
 def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Plan, me: str,
                       rpc_forwards: dict[str, int], *, backend: str, ctx_size: int,
-                      threads: int | None) -> list[str]:
+                      threads: int | None, speculation: list[str] = ()) -> list[str]:
     """llama-server for this node as host of `plan`. Remote members are reached through the
-    gateway's loopback forwards; the host uses its own device directly, not its own rpc-server."""
+    gateway's loopback forwards; the host uses its own device directly, not its own rpc-server.
+    `speculation`: its flags (services/runnerd/speculation.py), the same solo or split."""
+    # --metrics: runnerd reads the draft acceptance from it (loopback only, like the server itself).
     args = [str(binaries.llama_server), "--model", model.path, "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name]
+            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation]
     if threads:
         args += ["--threads", str(threads)]
     if binaries.has_fit:

@@ -23,17 +23,19 @@ from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.local_keys import new_llama_key
 from common.logs import setup_logging
-from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, StatusRequest,
-                             WeightLoad)
+from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, SpeculationState,
+                             StatusRequest, WeightLoad)
 from common.settings import Settings, service_settings
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
 from services.runnerd.memory import detect_memory
+from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
+METRICS_EVERY_S = 5.0  # how often the draft acceptance is read from llama-server's /metrics
 
 
 class Runnerd:
@@ -48,6 +50,9 @@ class Runnerd:
         self.rpc: Child | None = None
         self.llama: Child | None = None
         self.llama_spec: list[str] | None = None  # the command it runs, with port 0
+        self.rtt_ms: dict[str, float | None] = {}  # peer node id -> round trip meshd measured
+        # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
+        self.speculation: tuple[str, SpeculationChoice] | None = None
         self._plan_changed = asyncio.Event()
 
     def current_state(self) -> RunnerState:
@@ -127,6 +132,7 @@ class Runnerd:
         self.gateway = state
 
     def on_mesh(self, state: MeshState) -> None:
+        self.rtt_ms = {p.announcement.node_id: p.rtt_ms for p in state.peers}
         if state.node_id and state.node_id != self.node_id:
             self.node_id = state.node_id
             self.update(node_id=state.node_id)
@@ -139,12 +145,44 @@ class Runnerd:
             return None, plan.reason or plan.state
         if plan.host != self.node_id:
             return None, f"worker; host is {plan.host[:8] if plan.host else '?'}"
+        choice = self.speculation_for(plan)
+        draft = str(self.settings.draft_model) if self.settings.draft_model else None
+        spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=self.settings.device)
         try:
             return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.gateway.rpc_forwards,
                                      backend=self.state.backend, ctx_size=self.settings.ctx_size,
-                                     threads=self.settings.threads), plan.reason
+                                     threads=self.settings.threads, speculation=spec_args), plan.reason
         except NotReady as exc:
             return None, str(exc)
+
+    def speculation_for(self, plan: Plan) -> SpeculationChoice:
+        if self.speculation is None or self.speculation[0] != plan.key:
+            remote = [self.rtt_ms.get(m.node_id) for m in plan.members if m.node_id != self.node_id]
+            draft = str(self.settings.draft_model) if self.settings.draft_model else None
+            choice = choose_speculation(self.settings.speculative, draft_model=draft, remote_rtts_ms=remote)
+            self.speculation = (plan.key, choice)
+            log.info("speculative decoding: %s", choice.reason)
+            self.update(speculation=SpeculationState(setting=self.settings.speculative, mode=choice.mode,
+                                                     reason=choice.reason))
+        return self.speculation[1]
+
+    async def watch_draft_acceptance(self) -> None:
+        """Keep the draft acceptance of the serving llama-server in our state (from its /metrics)."""
+        async with httpx.AsyncClient(timeout=2.0) as client:
+            while True:
+                await asyncio.sleep(METRICS_EVERY_S)
+                llama, spec = self.llama, self.state.speculation
+                if llama is None or not llama.running() or self.state.llama.state != "ready" or spec.mode == "off":
+                    continue
+                try:
+                    counts = draft_counts((await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics")).text)
+                except httpx.HTTPError:
+                    continue
+                if counts and counts != (spec.drafted_tokens, spec.accepted_tokens):
+                    drafted, accepted = counts
+                    self.update(speculation=spec.model_copy(update={
+                        "drafted_tokens": drafted, "accepted_tokens": accepted,
+                        "acceptance_rate": accepted / drafted if drafted else None}))
 
     async def keep_llama_server(self) -> None:
         restarts = 0
@@ -248,7 +286,8 @@ class Runnerd:
         ]
         work: list[asyncio.Future] = []
         if await self.prepare():
-            work = [asyncio.ensure_future(self.keep_rpc_server()), asyncio.ensure_future(self.keep_llama_server())]
+            work = [asyncio.ensure_future(self.keep_rpc_server()), asyncio.ensure_future(self.keep_llama_server()),
+                    asyncio.ensure_future(self.watch_draft_acceptance())]
         await stopping.wait()
         for task in work + bus_tasks:
             task.cancel()

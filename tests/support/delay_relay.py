@@ -14,6 +14,10 @@ In-process (async):   relay = DelayRelay(("127.0.0.1", 50052), rtt_ms=10); await
                       (on a `precise_event_loop()` for sub-millisecond timer accuracy)
 In-process (thread):  with DelayRelayThread(("127.0.0.1", 50052), rtt_ms=10) as relay: relay.address
 CLI:                  python -m tests.support.delay_relay --target 127.0.0.1:50052 --rtt-ms 10
+
+UDP (`UdpDelayRelay`, CLI `--udp`): the same for datagrams, as a QUIC lane needs. Each client
+address gets its own socket towards the target (as a NAT would give it its own mapping); every
+datagram is delayed by the one-way delay, in order, none dropped.
 """
 from __future__ import annotations
 
@@ -301,6 +305,100 @@ class DelayRelay:
         task.add_done_callback(self._tasks.discard)
 
 
+class _UdpDelayed(asyncio.DatagramProtocol):
+    """One socket of the UDP relay: what arrives goes to `forward(data, addr)` after the delay."""
+
+    def __init__(self, relay: UdpDelayRelay, on_datagram):
+        self.relay, self.on_datagram = relay, on_datagram
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: Address) -> None:
+        self.on_datagram(data, addr)
+
+
+class UdpDelayRelay:
+    """Listen for datagrams on `listen`; relay each client's to `target` (and the answers back)
+    with `rtt_ms / 2` of delay each way. Counts like the TCP relay: bytes per direction, and a
+    round trip each time the target answers after the client last sent."""
+
+    def __init__(self, target: Address, *, rtt_ms: float = 0.0, listen: Address = ("127.0.0.1", 0)):
+        self.target = target
+        self.delay_s = rtt_ms / 2000
+        self.listen = listen
+        self.stats = TrafficStats()
+        self.address: Address | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._front: _UdpDelayed | None = None
+        self._sessions: dict[Address, _UdpDelayed] = {}
+        self._pending: dict[Address, list[bytes]] = {}
+        self._last_to_server: dict[Address, bool] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> Address:
+        self.loop = asyncio.get_running_loop()
+        _, self._front = await self.loop.create_datagram_endpoint(
+            lambda: _UdpDelayed(self, self._from_client), local_addr=self.listen)
+        self.address = self._front.transport.get_extra_info("sockname")[:2]
+        return self.address
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for session in self._sessions.values():
+            session.transport.close()
+        self._sessions.clear()
+        if self._front is not None:
+            self._front.transport.close()
+
+    def snapshot(self) -> TrafficStats:
+        return dataclasses.replace(self.stats)
+
+    async def __aenter__(self) -> UdpDelayRelay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _later(self, send, data: bytes) -> None:
+        if self.delay_s > 0:
+            self.loop.call_later(self.delay_s, send, data)
+        else:
+            send(data)
+
+    def _from_client(self, data: bytes, client: Address) -> None:
+        self.stats.bytes_to_server += len(data)
+        self._last_to_server[client] = True
+        session = self._sessions.get(client)
+        if session is not None:
+            self._later(lambda d: session.transport.sendto(d), data)
+            return
+        pending = self._pending.setdefault(client, [])
+        pending.append(data)
+        if len(pending) == 1:  # the first datagram of this client: open its socket towards the target
+            self.stats.connections += 1
+            task = self.loop.create_task(self._open_session(client))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _open_session(self, client: Address) -> None:
+        def back(data: bytes, _addr: Address) -> None:
+            self.stats.bytes_to_client += len(data)
+            if self._last_to_server.get(client):
+                self.stats.round_trips += 1
+            self._last_to_server[client] = False
+            self._later(lambda d: self._front.transport.sendto(d, client), data)
+
+        _, session = await self.loop.create_datagram_endpoint(lambda: _UdpDelayed(self, back),
+                                                              remote_addr=self.target)
+        self._sessions[client] = session
+        for data in self._pending.pop(client, []):
+            self._later(lambda d: session.transport.sendto(d), data)
+
+
 def precise_event_loop() -> asyncio.AbstractEventLoop:
     """An event loop whose timers fire within ~0.1 ms instead of up to 1 ms late.
 
@@ -378,10 +476,10 @@ async def _serve_cli(args: argparse.Namespace) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    relay = DelayRelay(args.target, rtt_ms=args.rtt_ms, listen=args.listen)
+    relay = (UdpDelayRelay if args.udp else DelayRelay)(args.target, rtt_ms=args.rtt_ms, listen=args.listen)
     host, port = await relay.start()
-    print(f"relaying {host}:{port} -> {args.target[0]}:{args.target[1]} "
-          f"(one-way delay {relay.delay_to_server_ms:g} ms each way)", flush=True)
+    print(f"relaying {'UDP' if args.udp else 'TCP'} {host}:{port} -> {args.target[0]}:{args.target[1]} "
+          f"(one-way delay {args.rtt_ms / 2:g} ms each way)", flush=True)
     try:
         while not stop.is_set():
             try:
@@ -394,7 +492,8 @@ async def _serve_cli(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="TCP relay with injected delay (half the RTT each way).")
+    parser = argparse.ArgumentParser(description="TCP (or UDP) relay with injected delay (half the RTT each way).")
+    parser.add_argument("--udp", action="store_true", help="relay UDP datagrams instead of TCP connections")
     parser.add_argument("--target", type=_parse_address, required=True, help="HOST:PORT to relay to")
     parser.add_argument("--listen", type=_parse_address, default=("127.0.0.1", 0),
                         help="HOST:PORT to listen on (default 127.0.0.1:0, any free port)")

@@ -144,3 +144,41 @@ def test_thread_wrapper_relays_for_blocking_code():
             stats = relay_thread.snapshot()
     assert 0.020 <= elapsed < 0.020 + LATE_TOLERANCE_S
     assert (stats.bytes_to_server, stats.bytes_to_client, stats.round_trips) == (5, 5, 1)
+
+
+def test_udp_relay_delays_each_datagram_both_ways_and_keeps_them_all():
+    from tests.support.delay_relay import UdpDelayRelay
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        echo_transport, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+        echo_addr = echo_transport.get_extra_info("sockname")[:2]
+        async with UdpDelayRelay(echo_addr, rtt_ms=40) as relay:
+            got: asyncio.Queue = asyncio.Queue()
+
+            class Client(asyncio.DatagramProtocol):
+                def datagram_received(self, data, addr):
+                    got.put_nowait((time.monotonic(), data))
+
+            client, _ = await loop.create_datagram_endpoint(Client, remote_addr=relay.address)
+            sent_at = time.monotonic()
+            payloads = [os.urandom(1200) for _ in range(50)]
+            for p in payloads:
+                client.sendto(p)
+            received = [await asyncio.wait_for(got.get(), 5) for _ in payloads]
+            assert [data for _, data in received] == payloads  # all of them, in order, unchanged
+            first_rtt = received[0][0] - sent_at
+            assert 0.040 <= first_rtt < 0.040 + LATE_TOLERANCE_S * 2
+            stats = relay.snapshot()
+            assert stats.bytes_to_server == stats.bytes_to_client == 50 * 1200 and stats.connections == 1
+            client.close()
+        echo_transport.close()
+
+    _run(scenario())

@@ -72,3 +72,43 @@ def test_no_model_and_client_plans():
     assert make_plan(None, [], 0).state == "no-model"
     assert make_plan(node("a", 0, role="client"), [], 0).state == "client"
     assert isinstance(make_plan(None, [], 0), Plan)
+
+
+def far(nid: str, mem_gb: float, rtt_ms: float | None) -> Candidate:
+    return Candidate(nid * 32, int(mem_gb * GB), FP, rtt_ms=rtt_ms)
+
+
+def test_host_leaves_a_far_member_out_when_the_others_hold_the_model():
+    plan = make_plan(node("a", 10), [far("b", 6, 5.0), far("c", 4, 120.0)], 12 * GB, force_split=True)
+    assert plan.state == "split" and [m.node_id[0] for m in plan.members] == ["a", "b"]
+    (left_out,) = plan.excluded
+    assert left_out.node_id == "c" * 32 and "120 ms" in left_out.reason and "80 ms" in left_out.reason
+
+
+def test_a_far_member_stays_when_its_memory_is_needed_closest_first():
+    plan = make_plan(node("a", 10), [far("b", 6, 200.0), far("c", 6, 100.0), far("d", 6, 300.0)], 14 * GB)
+    assert plan.state == "split" and sorted(m.node_id[0] for m in plan.members) == ["a", "c"]
+    assert {e.node_id[0] for e in plan.excluded} == {"b", "d"}
+
+
+def test_only_far_members_and_a_host_that_fits_means_solo():
+    plan = make_plan(node("a", 10), [far("b", 6, 150.0)], 5 * GB, force_split=True)
+    assert plan.state == "solo" and "too far" in plan.reason and plan.excluded[0].node_id == "b" * 32
+
+
+def test_round_trip_bound_is_the_hosts_alone_and_can_be_turned_off():
+    # b is host (more memory); a does not know b's round trips to others, so it does not judge them
+    plan = make_plan(node("a", 4), [far("b", 10, 1.0), far("c", 4, 150.0)], 12 * GB, force_split=True)
+    assert plan.host == "b" * 32 and len(plan.members) == 3
+    plan = make_plan(node("a", 10), [far("c", 4, 150.0)], 12 * GB, force_split=True, max_rtt_ms=None)
+    assert len(plan.members) == 2 and not plan.excluded
+
+
+def test_a_serving_member_is_kept_until_well_past_the_bound():
+    members = frozenset({"a" * 32, "b" * 32})
+    kept = make_plan(node("a", 10), [far("b", 6, 90.0)], 5 * GB, force_split=True, current=members)
+    assert len(kept.members) == 2  # 90 ms wobbling above 80 does not restart the split
+    new = make_plan(node("a", 10), [far("b", 6, 90.0)], 5 * GB, force_split=True)
+    assert new.state == "solo"
+    gone = make_plan(node("a", 10), [far("b", 6, 110.0)], 5 * GB, force_split=True, current=members)
+    assert gone.state == "solo"

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# On the GPU machine (device tool), from the repo root, with carry [".gpu"] (made by `python -m bench.gpu.prepare`):
+# build llama.cpp with CUDA from the pinned source in .gpu/, then run the product-layout benchmark there.
+# The machine has no package registry: the wheels and the source come from .gpu/. Results go to $OUT (or bench/results).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+OUT="${OUT:-bench/results}"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
+export PYTHONPATH="/tmp/site:$PWD"
+export PATH="/usr/local/cuda/bin:$PATH"
+export MESH_LLAMA_SOURCE="$PWD/.gpu/llama-src.tar.gz" MESH_CUDA_ARCH="${MESH_CUDA_ARCH:-90}" MESH_LLAMA_BACKEND=cuda
+export MESH_LLAMA_CACHE=/tmp/llama-cache
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+started=$(date +%s)
+python3 llama.cpp/build.py 2>&1 | tail -n 5
+echo "build: $(( $(date +%s) - started )) s"
+model=/tmp/random-7b.gguf  # no real model fits the 64 MiB that travel (bench/gpu/prepare.py says why)
+python3 -m tests.support.random_gguf "$model" --preset 7b
+python3 -m bench.bench_product --models "$model" --out-dir "$OUT" --name product-gpu-h200 ${BENCH_ARGS:---prompts 1 --max-tokens 64 --ignore-eos} 2>&1 | tee "$OUT/product-gpu-h200.log"
