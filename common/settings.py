@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     settle_delay: float = Field(2.0, ge=0, description="seconds membership must be stable before a new plan")
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this")
     log_level: str = Field("INFO")
+    console_port: int = Field(3131, ge=1, le=65535, description="port of the web console (`meshctl console`)")
+    console_host: str = Field("127.0.0.1", description="address the web console listens on (not loopback: needs console_api_key)")
+    console_api_key: str | None = Field(None, description="key the web console asks for (required off loopback)")
 
     @field_validator("join", "advertise", "advertise_data", mode="before")
     @classmethod
