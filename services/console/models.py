@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+from urllib.parse import urlparse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,7 +66,15 @@ def hub_token() -> str | None:
 
 
 def _hub_api():
+    """An HfApi for the endpoint, once a TCP connect shows it is there: huggingface_hub retries an
+    unreachable Hub with back-off for ~30 s, and a page should say so at once instead."""
     from huggingface_hub import HfApi
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
+    except OSError as exc:
+        raise HubError(f"cannot reach the Hub at {hub_endpoint()} ({exc.strerror or type(exc).__name__}); "
+                       f"check your connection or HF_ENDPOINT") from None
     return HfApi(endpoint=hub_endpoint(), token=hub_token())
 
 
@@ -86,8 +96,9 @@ def search_repos(query: str, limit: int = 20) -> list[dict]:
     query = query.strip()
     if not query:
         raise HubError("type a few words to search for, or a repo name like owner/name")
+    api = _hub_api()
     try:
-        found = list(_hub_api().list_models(search=query, filter="gguf", limit=limit))
+        found = list(api.list_models(search=query, filter="gguf", limit=limit))
     except Exception as exc:
         raise explain_hub_error(exc, "search failed") from None
     return [{"repo": m.id, "downloads": getattr(m, "downloads", None) or 0, "likes": getattr(m, "likes", None) or 0}
@@ -104,8 +115,9 @@ def check_repo_id(repo: str) -> str:
 def repo_gguf_files(repo: str) -> dict:
     """The repo's commit and its GGUF files with size and (for LFS files) sha256."""
     repo = check_repo_id(repo)
+    api = _hub_api()
     try:
-        info = _hub_api().model_info(repo, files_metadata=True)
+        info = api.model_info(repo, files_metadata=True)
     except Exception as exc:
         raise explain_hub_error(exc, f"cannot list {repo}") from None
     files = []

@@ -60,6 +60,7 @@ class HubStandIn:
                     f.sha256 = sha256_of(f.path)
         self.repos = {r.repo_id: r for r in repos}
         self.requests: list[str] = []
+        self.down = False  # when set, every connection is dropped unanswered (an unreachable Hub)
         standin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,6 +91,10 @@ class HubStandIn:
     # --- routes ----------------------------------------------------------------------------------
 
     def handle(self, h: BaseHTTPRequestHandler, *, head: bool) -> None:
+        if self.down:
+            h.close_connection = True
+            h.connection.shutdown(2)
+            return
         url = urlparse(h.path)
         path = unquote(url.path)
         self.requests.append(f"{h.command} {h.path}")
