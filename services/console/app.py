@@ -121,7 +121,10 @@ def build_app(home: Path, policy: AccessPolicy) -> FastAPI:
         return problem(400, str(exc))
 
     def snapshot() -> dict:
-        return {"view": live.view(), "node": node.state(), "downloads": downloads.snapshot(),
+        node_state = node.state()
+        if not node_state["running"] and not node_state["busy"]:
+            live.forget()
+        return {"view": live.view(), "node": node_state, "downloads": downloads.snapshot(),
                 "chats": chats[-RECENT_CHATS:], "needs_key": bool(policy.api_key), "home": str(home),
                 "models_dir": str(hub.models_folder()), "time": time.time()}
 
@@ -147,9 +150,14 @@ def build_app(home: Path, policy: AccessPolicy) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
+    def require_node() -> None:
+        if not node.running():
+            raise UsageError("no node is running for this MESH_HOME; start it first (Start node)")
+
     @app.post("/api/token")
     async def token(request: Request) -> JSONResponse:
         body = await json_body(request)
+        require_node()
         reply = await asyncio.to_thread(bus_request, home, "meshd", TokenRequest(rotate=bool(body.get("rotate"))))
         if not reply.ok:
             return problem(503, reply.error or "meshd refused")
@@ -162,6 +170,7 @@ def build_app(home: Path, policy: AccessPolicy) -> FastAPI:
             decode_token(text)
         except TokenError as exc:
             return problem(400, str(exc))
+        require_node()
         reply = await asyncio.to_thread(bus_request, home, "meshd", JoinRequest(token=text), 30.0)
         if not reply.ok:
             return problem(400, f"join failed: {reply.error}")
@@ -169,6 +178,7 @@ def build_app(home: Path, policy: AccessPolicy) -> FastAPI:
 
     @app.post("/api/leave")
     async def leave() -> JSONResponse:
+        require_node()
         reply = await asyncio.to_thread(bus_request, home, "meshd", LeaveRequest(), 10.0)
         if not reply.ok:
             return problem(503, f"leave failed: {reply.error}")

@@ -104,6 +104,11 @@ class LiveState:
         self.version = 0
         self.changed = asyncio.Condition()
 
+    def forget(self) -> None:
+        """The node stopped: show nothing rather than its last states."""
+        self.latest.clear()
+        self.heard_at.clear()
+
     def view(self) -> dict:
         now = time.monotonic()
         ages = {s: (now - self.heard_at[s]) if s in self.heard_at else None for s in addresses.SERVICES}

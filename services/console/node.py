@@ -47,7 +47,8 @@ def settings_for(home: Path, base_env: dict[str, str] | None, *, model: str | No
         if base_env is not None:
             for key in saved:
                 os.environ.pop(key, None)
-            os.environ.update(base_env)
+            # Membership persists in MESH_HOME; a start-up --join would undo a later leave.
+            os.environ.update({k: v for k, v in base_env.items() if k != "MESH_JOIN"})
         os.environ["MESH_HOME"] = str(home)
         overrides: dict = {"home": home}
         if client is not None:

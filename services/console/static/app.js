@@ -148,7 +148,7 @@
       solo: "Solo: one node serves the whole model.", split: "Split over " + plan.split.length + " nodes.",
       waiting: "Waiting for more peers.", client: "Lite client: requests go to the mesh's host.",
       "no-model": "No model loaded.", starting: "Starting…", unknown: node.running ? "Waiting for electd…" : "Node not running.",
-    }[plan.state] || plan.state;
+    }[plan.state === "unknown" && node.running && node.client ? "client" : plan.state] || plan.state;
     $("plan-line").textContent = planText + (plan.reason ? " (" + plan.reason + ")" : "");
     $("plan-line").dataset.state = plan.state;
     const bar = $("split-bar");
@@ -185,7 +185,8 @@
       return el("tr", { "data-node": n.node_id, class: n.me ? "me" : "" },
         el("td", { "data-label": "node" }, el("code", {}, short(n.node_id)), n.me ? " (this node)" : ""),
         el("td", { "data-label": "role" }, el("span", { class: "badge " + n.role.replace(" ", "-") }, n.role)),
-        el("td", { "data-label": "memory" }, gb(n.memory_bytes), el("small", {}, n.memory_source ? " " + n.memory_source : "")),
+        el("td", { "data-label": "memory" }, n.role === "lite client" ? "—" : gb(n.memory_bytes),
+          el("small", {}, n.memory_source && n.role !== "lite client" ? " " + n.memory_source : "")),
         el("td", { "data-label": "model" }, n.model || "—", el("small", { class: n.model_match === false ? "warn" : "" },
           (n.fingerprint ? " " + n.fingerprint.slice(0, 8) : "") + match)),
         el("td", { "data-label": "path" }, n.me ? "—" : (n.connected ? "direct QUIC" : "not connected") + (n.lane ? ", lane " + n.lane : "")),
@@ -259,7 +260,7 @@
   async function useModel(path, button) {
     say("model-msg", "Restarting the node with " + path + "…", "");
     await busy(button, async () => {
-      const r = await api("/api/node/start", { model: path });
+      const r = await api("/api/node/start", { model: path, client: false });
       say("model-msg", r.ok ? "The node restarted with " + path + "; the Mesh view shows it loading." : r.error, r.ok ? "ok" : "error");
     });
   }
