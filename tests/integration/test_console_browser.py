@@ -32,6 +32,7 @@ if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
                 allow_module_level=True)
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
 GATED = "hf_console_test_token"
@@ -111,8 +112,21 @@ def browser(world):
 
 
 def text(driver, css: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, css)
-    return found[0].text if found else ""
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:  # re-rendered by a live update just now
+        return ""
+
+
+def click(driver, css: str) -> None:
+    def attempt():
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    wait_until(attempt, timeout=10, what=f"clicking {css}")
 
 
 def wait_text(driver, css: str, needle: str, timeout: float = 30) -> str:
@@ -141,7 +155,8 @@ def fill(driver, element_id: str, value: str) -> None:
 
 
 def node_rows(driver) -> list[str]:
-    return [r.get_attribute("data-node") for r in driver.find_elements(By.CSS_SELECTOR, "#nodes tbody tr[data-node]")]
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#nodes tbody tr[data-node]')].map(r => r.dataset.node)")
 
 
 def mesh_id(node: Node) -> str:
@@ -285,7 +300,7 @@ def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     assert "sha256" in text(browser, '#hub-files tr[data-file="tiny-llama-Q4_0.gguf"]')
 
     def download(file: str) -> None:
-        browser.find_element(By.CSS_SELECTOR, f'#hub-files tr[data-file="{file}"] button').click()
+        click(browser, f'#hub-files tr[data-file="{file}"] button')
 
     download("huge-70B-Q8_0.gguf")
     wait_text(browser, '.download[data-file="huge-70B-Q8_0.gguf"]', "not enough disk space")
@@ -298,16 +313,16 @@ def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     wait_until(lambda: "MB/s" in text(browser, card) and "s left" in text(browser, card), timeout=30, interval=0.05,
                what="progress with rate and time left")
     shot(browser, artifacts, "04-models-downloading")
-    browser.find_element(By.CSS_SELECTOR, f"{card} button.secondary").click()  # pause
+    click(browser, f"{card} button.secondary")  # pause
     wait_text(browser, f"{card} .state", "paused")
     assert not (models / "tiny-llama-Q4_0.gguf").exists()
-    browser.find_element(By.CSS_SELECTOR, f"{card} button").click()  # resume
+    click(browser, f"{card} button")  # resume
     wait_text(browser, card, "resumed at")
     wait_text(browser, f"{card} .state", "done", timeout=60)
     assert (models / "tiny-llama-Q4_0.gguf").read_bytes() == world["tiny"].read_bytes()
     shot(browser, artifacts, "05-models-downloaded")
 
-    browser.find_element(By.CSS_SELECTOR, f"{card} button").click()  # use this model
+    click(browser, f"{card} button")  # use this model
     wait_text(browser, "#model-msg", "restarted with", timeout=120)
     tiny_fp = inspect_gguf(world["tiny"]).fingerprint
     wait_until(lambda: (a.runner().get("model") or {}).get("fingerprint") == tiny_fp, timeout=60,

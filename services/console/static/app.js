@@ -323,37 +323,52 @@
   async function download(file, button) {
     await busy(button, async () => {
       const r = await api("/api/hub/download", { repo: hubRepo, file });
-      say("hub-msg", r.ok ? "Downloading " + file + "…" : r.error, r.ok ? "" : "error");
+      say("hub-msg", r.ok ? "Started " + file + ": progress below." : r.error, r.ok ? "" : "error");
     });
   }
 
+  // Cards are kept per download and updated in place, so a button is never replaced under the pointer.
+  const downloadCards = new Map();
   function renderDownloads(list) {
     const box = $("downloads");
-    box.replaceChildren(...list.slice().reverse().map((d) => {
+    for (const d of list.slice().reverse()) {
+      let card = downloadCards.get(d.id);
+      if (!card) {
+        card = {
+          root: el("div", { class: "download", "data-file": d.file }), state: el("span", { class: "state" }),
+          fill: el("div", { class: "fill" }), line: el("div", { class: "muted" }), error: el("div", { class: "error" }),
+          actions: el("div", { class: "row" }), shownState: null,
+        };
+        card.root.append(el("div", { class: "row spread" }, el("strong", {}, d.file), card.state),
+          el("div", { class: "progress" }, card.fill), card.line, card.error, card.actions);
+        downloadCards.set(d.id, card);
+        box.prepend(card.root);
+      }
       const pct = d.total_bytes ? Math.min(100, (100 * d.done_bytes) / d.total_bytes) : 0;
-      const fill = el("div", { class: "fill" });
-      fill.style.width = pct.toFixed(1) + "%";
+      card.root.className = "download " + d.state;
+      card.state.textContent = d.state;
+      card.fill.style.width = pct.toFixed(1) + "%";
       const eta = d.eta_s === null ? "" : ` · ${Math.ceil(d.eta_s)} s left`;
       const rate = d.rate_bps ? ` · ${bytes(d.rate_bps)}/s` : "";
-      const active = ["queued", "checking", "downloading", "verifying"].includes(d.state);
+      card.line.textContent = `${bytes(d.done_bytes)} of ${bytes(d.total_bytes)} (${pct.toFixed(0)}%)${rate}${eta}` +
+        (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "");
+      card.error.textContent = d.error || "";
+      if (card.shownState === d.state) continue;
+      card.shownState = d.state;
+      const stop = (how) => () => api("/api/hub/download/stop", { id: d.id, how });
       const actions = [];
-      if (active) {
-        actions.push(el("button", { class: "secondary", onclick: () => api("/api/hub/download/stop", { id: d.id, how: "pause" }) }, "Pause"));
-        actions.push(el("button", { class: "danger", onclick: () => api("/api/hub/download/stop", { id: d.id, how: "cancel" }) }, "Cancel"));
+      if (["queued", "checking", "downloading", "verifying"].includes(d.state)) {
+        actions.push(el("button", { class: "secondary", onclick: stop("pause") }, "Pause"));
+        actions.push(el("button", { class: "danger", onclick: stop("cancel") }, "Cancel"));
       } else if (d.state === "paused" || d.state === "failed") {
         actions.push(el("button", { onclick: (e) => { hubRepo = d.repo; download(d.file, e.target); } }, "Resume"));
-        actions.push(el("button", { class: "danger", onclick: () => api("/api/hub/download/stop", { id: d.id, how: "cancel" }) }, "Discard"));
+        actions.push(el("button", { class: "danger", onclick: stop("cancel") }, "Discard"));
       } else if (d.state === "done") {
+        loadLocalModels();
         actions.push(el("button", { onclick: (e) => useModel(d.path, e.target) }, "Use this model"));
       }
-      return el("div", { class: "download " + d.state, "data-file": d.file },
-        el("div", { class: "row spread" }, el("strong", {}, d.file), el("span", { class: "state" }, d.state)),
-        el("div", { class: "progress" }, fill),
-        el("div", { class: "muted" }, `${bytes(d.done_bytes)} of ${bytes(d.total_bytes)} (${pct.toFixed(0)}%)${rate}${eta}` +
-          (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "")),
-        d.error ? el("div", { class: "error" }, d.error) : "",
-        el("div", { class: "row" }, ...actions));
-    }));
+      card.actions.replaceChildren(...actions);
+    }
   }
 
   // --- chat -----------------------------------------------------------------------------------------
