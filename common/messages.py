@@ -184,6 +184,11 @@ class TokenRequest(Message):
     rotate: bool = False
 
 
+class LeaveRequest(Message):
+    """Leave the mesh: tell every peer, forget them, and start a mesh of our own (new id and secret)."""
+    kind: Literal["leave"] = "leave"
+
+
 class Reply(Message):
     kind: Literal["reply"] = "reply"
     ok: bool
@@ -192,7 +197,8 @@ class Reply(Message):
 
 
 AnyMessage = Annotated[
-    Union[RunnerState, Plan, MeshState, GatewayState, Announcement, StatusRequest, JoinRequest, TokenRequest, Reply],
+    Union[RunnerState, Plan, MeshState, GatewayState, Announcement, StatusRequest, JoinRequest, TokenRequest,
+          LeaveRequest, Reply],
     Field(discriminator="kind"),
 ]
 _adapter: TypeAdapter[AnyMessage] = TypeAdapter(AnyMessage)

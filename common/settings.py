@@ -62,7 +62,7 @@ def cli(*, metavar: str | None = None, default: str | None = None, short: str | 
 
 
 # Settings that are not `meshctl up` flags (still MESH_* variables and config keys): keep it short.
-NOT_FLAGS: frozenset[str] = frozenset()
+NOT_FLAGS: frozenset[str] = frozenset({"console_port", "console_host", "console_api_key"})  # `meshctl console`'s own
 
 
 class Settings(BaseSettings):
@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     llama_source: Path | None = Field(None, description="build llama.cpp from this local tree or tarball of the pinned "
                                                         "source instead of downloading it",
                                       json_schema_extra=cli(default="the pinned sdist"))
+    console_port: int = Field(3131, ge=1, le=65535, description="port of the web console (`meshctl console`)")
+    console_host: str = Field("127.0.0.1", description="address the web console listens on (not loopback: needs console_api_key)")
+    console_api_key: str | None = Field(None, description="key the web console asks for (required off loopback)")
 
     @field_validator("join", "advertise", "advertise_data", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""meshctl: the one command a user runs — up, down, status, token, join, logs."""
+"""meshctl: the one command a user runs — up, down, status, token, join, logs, console."""
 from __future__ import annotations
 
 import argparse
@@ -284,6 +284,24 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return subprocess.call(tail)
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    from services.console.app import serve
+    from services.console.security import bind_check
+    home = settings_home(args)
+    try:
+        settings = load_settings(console_port=args.port, console_host=args.host, console_api_key=args.api_key)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UsageError(f"invalid {'/'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+    why_not = bind_check(settings.console_host, settings.console_api_key)
+    if why_not:
+        raise UsageError(why_not)
+    check_port_free(settings.console_host, settings.console_port)
+    serve(home, settings.console_host, settings.console_port, api_key=settings.console_api_key,
+          open_browser=not args.no_open)
+    return 0
+
+
 # --- argument parsing ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,6 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true")
     logs.add_argument("-n", "--lines", type=int, default=50)
     logs.set_defaults(func=cmd_logs)
+    console = with_home(sub.add_parser("console", help="web console: see the mesh, join, pick or download a model, chat"))
+    console.add_argument("--port", type=int, help="console port (default 3131)")
+    console.add_argument("--host", help="address to listen on (default 127.0.0.1; anything else needs --api-key)")
+    console.add_argument("--api-key", help="key the console page asks for (MESH_CONSOLE_API_KEY)")
+    console.add_argument("--no-open", action="store_true", help="do not open a browser")
+    console.set_defaults(func=cmd_console)
     return parser
 
 

@@ -23,8 +23,8 @@ from common.bus import ServiceBus
 from common.frames import FrameError, encode_frame, read_frame, send_frame
 from common.identity import AuthError, NodeIdentity
 from common.logs import setup_logging
-from common.messages import (Announcement, GatewayState, JoinRequest, MeshState, PeerView, Plan, Reply, RunnerState,
-                             StatusRequest, TokenRequest)
+from common.messages import (Announcement, GatewayState, JoinRequest, LeaveRequest, MeshState, PeerView, Plan, Reply,
+                             RunnerState, StatusRequest, TokenRequest)
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 from common.settings import Settings, service_settings
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
@@ -357,6 +357,23 @@ class Meshd:
         s.secret, s.generation, s.rotation = rotation["secret"], rotation["gen"], rotation
         self.save_secret()
 
+    async def on_leave(self, _: LeaveRequest) -> Reply:
+        """Say goodbye to every peer, then belong to a fresh mesh of one: old members' redials are refused."""
+        old_mesh = self.secret.mesh_id
+        for links in list(self.links.values()):
+            for link in list(links):
+                try:
+                    await asyncio.wait_for(send_frame(link.writer, {"t": "leave"}), 1.0)
+                except Exception:
+                    pass
+                await link.conn.close()
+        self.secret = MeshSecret(mesh_id=new_mesh_id(), secret=new_secret())
+        self.save_secret()
+        self.view, self.last_heard, self.dial_failures = {}, {}, {}
+        log.info("left mesh %s; now alone in mesh %s", old_mesh, self.secret.mesh_id)
+        self.bus.state_changed()
+        return Reply(ok=True, data={"left": old_mesh, "mesh_id": self.secret.mesh_id})
+
     # --- bus ---------------------------------------------------------------------------------------
 
     def current_state(self) -> MeshState:
@@ -407,7 +424,7 @@ class Meshd:
             self.bus.publish_forever(self.current_state),
             self.bus.receive_forever({RunnerState: self.on_runner, GatewayState: self.on_gateway, Plan: self.on_plan}),
             self.bus.serve_control_forever({StatusRequest: self.on_status, JoinRequest: lambda r: self.join(r.token),
-                                            TokenRequest: self.on_token}),
+                                            TokenRequest: self.on_token, LeaveRequest: self.on_leave}),
             self.gossip_forever(), self.heartbeat_forever(), self.connect_forever())]
         for token in self.settings.join:
             asyncio.ensure_future(self.join(token))

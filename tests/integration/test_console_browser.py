@@ -1,0 +1,428 @@
+"""The web console in a real browser (Debian's headless Chromium through Selenium) against real nodes.
+
+Node A runs with the console on its home; node B is a mesh of its own. The page must show A, join
+B's mesh from a pasted token and show the split, stream a chat and stop it, download a model from
+the local Hub stand-in and restart A with it, refuse bad input of every kind without changing the
+node, refuse cross-origin and foreign-Host requests, and start and stop the node. Each view is
+saved as a PNG under $MESH_TEST_ARTIFACTS (or the test's temp dir).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from common.default_model import default_model_path
+from common.gguf_info import inspect_gguf
+from tests.integration.harness import Node, meshctl
+from tests.support.hub_standin import HubFile, HubRepo, HubStandIn
+from tests.support.procs import free_port, kill_process_tree, wait_until
+
+pytestmark = pytest.mark.slow
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+                allow_module_level=True)
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+GATED = "hf_console_test_token"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    out = Path(os.environ.get("MESH_TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts")) / "console"
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"console screenshots in {out}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("console")
+    from tests.support.random_gguf import write_preset
+    tiny = write_preset(root / "tiny-llama.gguf", "tiny", seed=5)
+    junk = root / "junk.bin"
+    junk.write_bytes(b"<html>an error page, not a model</html>" * 200)
+    hub = HubStandIn([HubRepo("test/tiny-llama-GGUF", {
+        "tiny-llama-Q4_0.gguf": HubFile("tiny-llama-Q4_0.gguf", tiny, throttle_bps=6e6),
+        "broken.gguf": HubFile("broken.gguf", junk),
+        "huge-70B-Q8_0.gguf": HubFile("huge-70B-Q8_0.gguf", None, claimed_size=50 << 40)}),
+        HubRepo("test/gated-GGUF", {"g.gguf": HubFile("g.gguf", tiny)}, gated_token=GATED)]).start()
+    models = root / "models"
+    models.mkdir()
+    os.symlink(default_model_path(), models / default_model_path().name)
+    (models / "notes.gguf").write_text("not a model")
+    a = Node(root / "a", extra=["--split", "--max-vram", "8G", "--bind-host", "127.0.0.1"])
+    b = Node(root / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1"])
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+    env.update({"HF_ENDPOINT": hub.url, "HF_TOKEN": GATED, "MESH_MODELS_DIR": str(models)})
+    console = None
+    try:
+        a.start()
+        b.start()
+        console = subprocess.Popen([sys.executable, "-m", "meshctl.cli", "console", "--home", str(a.home), "--port",
+                                    str(port), "--no-open"], env=env, stdout=open(root / "console.log", "ab"),
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _get(url + "/api/state"), timeout=30, what="the console answering")
+        a.wait_serving()
+        yield {"a": a, "b": b, "url": url, "hub": hub, "tiny": tiny, "models": models, "root": root,
+               "ids": {"a": a.node_id(), "b": b.node_id()}}
+    finally:
+        if console:
+            kill_process_tree(console)
+        for n in (a, b):
+            n.stop()
+        hub.stop()
+
+
+def _get(url: str):
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def browser(world):
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="console-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_window_size(1280, 1000)
+    driver.get(world["url"] + "/")
+    driver.execute_script("window.confirm = () => true")  # the page asks before rotate and leave
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def text(driver, css: str) -> str:
+    try:
+        found = driver.find_elements(By.CSS_SELECTOR, css)
+        return found[0].text if found else ""
+    except StaleElementReferenceException:  # re-rendered by a live update just now
+        return ""
+
+
+def click(driver, css: str) -> None:
+    def attempt():
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    wait_until(attempt, timeout=10, what=f"clicking {css}")
+
+
+def wait_text(driver, css: str, needle: str, timeout: float = 30) -> str:
+    return wait_until(lambda: needle in text(driver, css) and text(driver, css), timeout=timeout, interval=0.1,
+                      what=f"{needle!r} in {css} (now {text(driver, css)!r})")
+
+
+def tab(driver, name: str) -> None:
+    driver.find_element(By.ID, f"tab-{name}").click()
+
+
+def shot(driver, artifacts: Path, name: str, full: bool = True) -> Path:
+    path = artifacts / f"{name}.png"
+    if full:  # the whole page, not just the window
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        width = driver.get_window_size()["width"]
+        driver.set_window_size(width, max(height + 120, 600))
+    driver.save_screenshot(str(path))
+    return path
+
+
+def fill(driver, element_id: str, value: str) -> None:
+    box = driver.find_element(By.ID, element_id)
+    box.clear()
+    box.send_keys(value)
+
+
+def node_rows(driver) -> list[str]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('#nodes tbody tr[data-node]')].map(r => r.dataset.node)")
+
+
+def mesh_id(node: Node) -> str:
+    return node.status().get("meshd", {}).get("mesh_id", "")
+
+
+# --- the scenarios, in order ------------------------------------------------------------------------
+
+def test_page_shows_this_node(world, browser, artifacts):
+    a_id = world["ids"]["a"]
+    wait_until(lambda: node_rows(browser) == [a_id], timeout=30, what="the page listing node A")
+    wait_until(lambda: browser.find_element(By.ID, "plan-line").get_attribute("data-state") == "solo", timeout=60,
+               what="the plan shown as solo")
+    assert "host" in text(browser, f'#nodes tr[data-node="{a_id}"]')
+    assert "8.0 GB" in text(browser, f'#nodes tr[data-node="{a_id}"]')
+    wait_text(browser, "#llama-line", "llama-server: ready")
+    assert text(browser, "#live") == "live"
+    shot(browser, artifacts, "01-mesh-one-node")
+
+
+def test_bad_tokens_get_their_reason_and_change_nothing(world, browser):
+    before = mesh_id(world["a"])
+    for bad, reason in (("not-a-token", "not valid"), ("", "Paste a token first"),
+                        (world["a"].token(), "printed by this node itself")):
+        fill(browser, "join-input", bad)
+        browser.find_element(By.ID, "join-button").click()
+        wait_text(browser, "#join-msg", reason)
+        assert "error" in browser.find_element(By.ID, "join-msg").get_attribute("class")
+    assert mesh_id(world["a"]) == before and node_rows(browser) == [world["ids"]["a"]]
+
+
+def test_pasting_a_token_joins_and_shows_the_split(world, browser, artifacts):
+    ids = world["ids"]
+    fill(browser, "join-input", world["b"].token())
+    started = time.monotonic()
+    browser.find_element(By.ID, "join-button").click()
+    wait_text(browser, "#join-msg", "Joined mesh", timeout=40)
+
+    def split_shown():
+        segments = browser.find_elements(By.CSS_SELECTOR, "#split-bar .seg")
+        return sorted(node_rows(browser)) == sorted(ids.values()) and len(segments) == 2 and \
+            browser.find_element(By.ID, "plan-line").get_attribute("data-state") == "split"
+    wait_until(split_shown, timeout=180, interval=0.1, what="two nodes and a two-part split bar")
+    seconds = time.monotonic() - started
+    print(f"token pasted → split shown in the page: {seconds:.1f} s")
+    bar = text(browser, "#split-bar")
+    assert ids["a"][:8] in bar and ids["b"][:8] in bar and "(host)" in bar
+    assert "67%" in bar and "33%" in bar  # by memory: 8 GB and 4 GB
+    wait_text(browser, "#llama-line", "llama-server: ready", timeout=180)
+    b_row = text(browser, f'#nodes tr[data-node="{ids["b"]}"]')
+    assert "worker" in b_row and "same file" in b_row and " ms" in b_row
+    shot(browser, artifacts, "02-mesh-split")
+    (artifacts / "join-to-split-seconds.txt").write_text(f"{seconds:.1f}\n")
+
+
+def test_token_is_shown_copied_and_rotated(world, browser):
+    browser.find_element(By.ID, "show-token").click()
+    box = browser.find_element(By.ID, "token-box")
+    wait_until(lambda: box.get_attribute("value"), timeout=10, what="the token shown")
+    assert box.get_attribute("value") == world["a"].token()
+    old = box.get_attribute("value")
+    browser.find_element(By.ID, "rotate-token").click()
+    wait_until(lambda: box.get_attribute("value") != old, timeout=10, what="a rotated token")
+    assert box.get_attribute("value") == world["a"].token()
+    assert mesh_id(world["a"]) == mesh_id(world["b"])  # still one mesh: rotation keeps members
+
+
+def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
+    tab(browser, "chat")
+    fill(browser, "chat-input", "Write a very long story about a lighthouse keeper.")
+    browser.find_element(By.ID, "chat-send").click()
+    reply = ".message.assistant .body"
+    wait_until(lambda: len(text(browser, reply)) > 80, timeout=120, interval=0.1, what="streamed text")
+    first = len(text(browser, reply))
+    wait_until(lambda: len(text(browser, reply)) > first, timeout=30, interval=0.05, what="the text growing")
+    browser.find_element(By.ID, "chat-stop").click()
+    wait_text(browser, ".message.assistant .stats", "stopped", timeout=10)
+    stopped_at = text(browser, reply)
+    # The host's llama-server stops generating (its slot goes idle) — not just the page.
+    llama_port = world["a"].runner()["llama"]["port"]
+    wait_until(lambda: not any(s.get("is_processing") for s in
+                               httpx.get(f"http://127.0.0.1:{llama_port}/slots", timeout=5).json()),
+               timeout=15, what="llama-server's slot to go idle after stop")
+    assert text(browser, reply) == stopped_at
+    assert "tok/s" in text(browser, ".message.assistant .stats")
+    assert browser.find_element(By.ID, "chat-send").is_enabled()
+    # Markdown and code blocks, through the page's own renderer, escaped.
+    html = browser.execute_script("return window.renderMarkdown('**hi** `x`\\n```python\\nprint(1 < 2)\\n```')")
+    assert "<strong>hi</strong>" in html and "<code>x</code>" in html and '<pre data-lang="python"><code>print(1 &lt; 2)' in html
+    shot(browser, artifacts, "03-chat")
+    tab(browser, "mesh")
+    wait_text(browser, "#toks-line", "tok/s")
+
+
+def test_bad_model_paths_are_refused_and_change_nothing(world, browser):
+    a = world["a"]
+    pid, fingerprint = a.service_pid("runnerd"), a.runner()["model"]["fingerprint"]
+    tab(browser, "models")
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#local-models tr[data-file="notes.gguf"]'), timeout=20,
+               what="the local models listed")
+    gemma_row = text(browser, f'#local-models tr[data-file="{default_model_path().name}"]')
+    assert "gemma3" in gemma_row and "MB" in gemma_row
+    assert "not a GGUF" in text(browser, '#local-models tr[data-file="notes.gguf"]')
+    for path, reason in (("/etc/hostname", "not a GGUF file"), (str(world["root"] / "missing.gguf"), "does not exist"),
+                         ("", "enter the path"), (str(world["root"]), "not a file")):
+        fill(browser, "path-input", path)
+        browser.find_element(By.ID, "path-button").click()
+        wait_text(browser, "#model-msg", reason)
+    assert a.service_pid("runnerd") == pid and a.runner()["model"]["fingerprint"] == fingerprint
+
+
+def test_hub_errors_are_clear(world, browser):
+    fill(browser, "hub-input", "nobody/nothing-here")
+    browser.find_element(By.ID, "hub-search").click()
+    wait_text(browser, "#hub-msg", "no such repo")
+    fill(browser, "hub-input", "not a repo")
+    browser.find_element(By.ID, "hub-open").click()
+    wait_text(browser, "#hub-msg", "is not a repo name")
+    fill(browser, "hub-input", "test/gated-GGUF")  # the console has HF_TOKEN: the gated repo opens
+    browser.find_element(By.ID, "hub-search").click()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#hub-files tr[data-file="g.gguf"]'), timeout=20,
+               what="the gated repo listed with HF_TOKEN")
+    world["hub"].down = True
+    try:
+        fill(browser, "hub-input", "tiny")
+        browser.find_element(By.ID, "hub-search").click()
+        wait_text(browser, "#hub-msg", "cannot reach the Hub", timeout=60)
+    finally:
+        world["hub"].down = False
+
+
+def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
+    a, models = world["a"], world["models"]
+    fill(browser, "hub-input", "tiny-llama")
+    browser.find_element(By.ID, "hub-search").click()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#hub-results a"), timeout=20, what="search results")
+    browser.find_element(By.CSS_SELECTOR, "#hub-results a").click()
+    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#hub-files tbody tr")) == 3, timeout=20,
+               what="the repo's three GGUF files")
+    assert "26.8 MB" in text(browser, '#hub-files tr[data-file="tiny-llama-Q4_0.gguf"]')
+    assert "sha256" in text(browser, '#hub-files tr[data-file="tiny-llama-Q4_0.gguf"]')
+
+    def download(file: str) -> None:
+        click(browser, f'#hub-files tr[data-file="{file}"] button')
+
+    download("huge-70B-Q8_0.gguf")
+    wait_text(browser, '.download[data-file="huge-70B-Q8_0.gguf"]', "not enough disk space")
+    download("broken.gguf")
+    wait_text(browser, '.download[data-file="broken.gguf"]', "not a GGUF model")
+    assert sorted(p.name for p in models.glob("*.gguf")) == sorted([default_model_path().name, "notes.gguf"])
+
+    download("tiny-llama-Q4_0.gguf")
+    card = '.download[data-file="tiny-llama-Q4_0.gguf"]'
+    wait_until(lambda: "MB/s" in text(browser, card) and "s left" in text(browser, card), timeout=30, interval=0.05,
+               what="progress with rate and time left")
+    shot(browser, artifacts, "04-models-downloading")
+    click(browser, f"{card} button.secondary")  # pause
+    wait_text(browser, f"{card} .state", "paused")
+    assert not (models / "tiny-llama-Q4_0.gguf").exists()
+    click(browser, f"{card} button")  # resume
+    wait_text(browser, card, "resumed at")
+    wait_text(browser, f"{card} .state", "done", timeout=60)
+    assert (models / "tiny-llama-Q4_0.gguf").read_bytes() == world["tiny"].read_bytes()
+    shot(browser, artifacts, "05-models-downloaded")
+
+    click(browser, f"{card} button")  # use this model
+    wait_text(browser, "#model-msg", "restarted with", timeout=120)
+    tiny_fp = inspect_gguf(world["tiny"]).fingerprint
+    wait_until(lambda: (a.runner().get("model") or {}).get("fingerprint") == tiny_fp, timeout=60,
+               what="A's runnerd on the downloaded model")
+    wait_until(a.answers, timeout=120, interval=0.3, what="A serving the downloaded model")
+    assert a.chat("Hello", max_tokens=4) is not None
+    tab(browser, "mesh")
+    wait_until(lambda: "different model" in text(browser, "#exclusions"), timeout=60,
+               what="B shown as excluded: it holds another model")
+    wait_text(browser, "#llama-line", "llama-server: ready", timeout=120)
+    shot(browser, artifacts, "06-mesh-after-model-change")
+
+
+def test_cross_origin_and_foreign_host_are_refused(world, browser):
+    a, url = world["a"], world["url"]
+    before = mesh_id(a)
+    # A page of another origin (the stand-in's) tries to make the console leave the mesh and read the token.
+    browser.get(world["hub"].url + "/api/models")
+    outcome = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        const post = (path) => fetch(arguments[0] + path, {method: "POST", mode: "no-cors", body: "{}",
+                                     headers: {"Content-Type": "text/plain"}}).then(() => "sent", (e) => "blocked: " + e);
+        Promise.all([post("/api/leave"), post("/api/token")]).then(done);
+    """, url)
+    assert len(outcome) == 2
+    assert mesh_id(a) == before and a.status()["meshd"]["peers"], "a cross-origin page made the node leave"
+    browser.get(url + "/")
+    browser.execute_script("window.confirm = () => true")
+    # The same from outside the browser, where we can read the answers.
+    evil = {"Origin": "http://evil.example", "Content-Type": "application/json"}
+    r = httpx.post(url + "/api/leave", headers=evil, content="{}")
+    assert r.status_code == 403 and "another origin" in r.json()["error"]
+    assert httpx.post(url + "/api/token", headers=evil, content="{}").status_code == 403
+    assert httpx.post(url + "/api/join", headers={**evil, "Sec-Fetch-Site": "cross-site"},
+                      content='{"token": "x"}').status_code == 403
+    rebound = httpx.get(url + "/api/state", headers={"Host": f"evil.example:{url.rsplit(':', 1)[1]}"})
+    assert rebound.status_code == 421 and "answers only to" in rebound.json()["error"]
+    assert httpx.get(url + "/", headers={"Host": "evil.example"}).status_code == 421
+    assert mesh_id(a) == before
+
+
+def test_phone_width(world, browser, artifacts):
+    browser.set_window_size(390, 844)
+    tab(browser, "mesh")
+    wait_until(lambda: len(node_rows(browser)) == 2, timeout=30, what="both nodes at phone width")
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 400, f"the page scrolls sideways at phone width ({width}px)"
+    shot(browser, artifacts, "07-phone-mesh")
+    tab(browser, "chat")
+    shot(browser, artifacts, "08-phone-chat")
+    browser.set_window_size(1280, 1000)
+    tab(browser, "mesh")
+
+
+def test_leave_then_stop_and_start_the_node(world, browser, artifacts):
+    a, b, ids = world["a"], world["b"], world["ids"]
+    old = mesh_id(a)
+    browser.find_element(By.ID, "leave").click()
+    wait_text(browser, "#invite-msg", "Left the mesh", timeout=20)
+    wait_until(lambda: node_rows(browser) == [ids["a"]], timeout=30, what="only A left in the view")
+    assert mesh_id(a) != old
+    wait_until(lambda: not any(p["announcement"]["node_id"] == ids["a"] for p in b.status()["meshd"]["peers"]),
+               timeout=30, what="B forgetting A")
+    browser.find_element(By.ID, "stop-node").click()
+    wait_text(browser, "#node-line", "No node is running", timeout=60)
+    assert meshctl("status", home=a.home).returncode != 0
+    shot(browser, artifacts, "09-node-stopped")
+    browser.find_element(By.ID, "start-solo").click()
+    wait_until(lambda: node_rows(browser) == [ids["a"]], timeout=120, what="A back in the view")
+    wait_until(a.answers, timeout=120, interval=0.3, what="A serving again")
+    assert (a.runner().get("model") or {}).get("fingerprint") == inspect_gguf(world["tiny"]).fingerprint
+    assert a.status()["gatewayd"]["api_url"].endswith(f":{a.port}/v1")  # the restart kept A's settings
+
+
+def test_api_key_prompt(world, tmp_path):
+    port = free_port()
+    console = subprocess.Popen([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"),
+                                "--port", str(port), "--no-open", "--api-key", "open-sesame"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="console-chromium-")
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _get(url + "/"), timeout=30, what="the keyed console")
+        assert httpx.get(url + "/api/state").status_code == 401
+        driver.get(url + "/")
+        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=10, what="the key prompt")
+        fill(driver, "key-input", "open-sesame")
+        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        wait_until(lambda: text(driver, "#live") == "live", timeout=10, what="the page live with the key")
+        assert "No node is running" in text(driver, "#node-line")
+    finally:
+        driver.quit()
+        kill_process_tree(console)
+        shutil.rmtree(profile, ignore_errors=True)
+    refused = subprocess.run([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"), "--host",
+                              "0.0.0.0", "--port", str(free_port()), "--no-open"], capture_output=True, text=True,
+                             timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("MESH_")})
+    assert refused.returncode == 2 and "--api-key" in refused.stderr and "Traceback" not in refused.stderr
