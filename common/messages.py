@@ -26,6 +26,7 @@ class ModelInfo(Message):
     arch: str
     fingerprint: str
     has_chat_template: bool = True
+    embeddings: bool = False  # an embedding model (its GGUF sets a pooling type): llama-server runs with --embeddings
 
 
 # --- runnerd ---------------------------------------------------------------------------------
@@ -60,6 +61,7 @@ class RunnerState(Message):
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
     error: str | None = None
     status: str = ""
+    progress: str = ""  # the long step under way and how far it is, e.g. "building llama.cpp 40%"
 
 
 # --- electd ----------------------------------------------------------------------------------
