@@ -42,7 +42,7 @@ def inspect_gguf(path: Path, cache_dir: Path | None = None) -> ModelInfo:
     path = Path(path).expanduser().resolve()
     check_readable_gguf(path)
     stat = path.stat()
-    cache_key = f"v2|{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache_key = f"v3|{path}|{stat.st_size}|{stat.st_mtime_ns}"
     cache_file = cache_dir / "gguf-info.json" if cache_dir else None
     cache = _read_cache(cache_file)
     if cache_key in cache:
@@ -76,7 +76,8 @@ def _inspect_uncached(path: Path, size: int) -> ModelInfo:
     return ModelInfo(path=str(path), name=str(header.metadata.get("general.name") or path.stem), size_bytes=size,
                      n_layers=int(header.metadata.get(f"{arch}.block_count", 0)), arch=arch,
                      fingerprint=digest.hexdigest()[:32],
-                     has_chat_template=bool(header.metadata.get("tokenizer.chat_template")))
+                     has_chat_template=bool(header.metadata.get("tokenizer.chat_template")),
+                     embeddings=f"{arch}.pooling_type" in header.metadata)
 
 
 @dataclass

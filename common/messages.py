@@ -26,6 +26,7 @@ class ModelInfo(Message):
     arch: str
     fingerprint: str
     has_chat_template: bool = True
+    embeddings: bool = False  # an embedding model (its GGUF sets a pooling type): llama-server runs with --embeddings
 
 
 # --- runnerd ---------------------------------------------------------------------------------
@@ -71,6 +72,7 @@ class RunnerState(Message):
     speculation: SpeculationState = Field(default_factory=SpeculationState)
     error: str | None = None
     status: str = ""
+    progress: str = ""  # the long step under way and how far it is, e.g. "building llama.cpp 40%"
 
 
 # --- electd ----------------------------------------------------------------------------------

@@ -134,7 +134,7 @@ class Settings(BaseSettings):
                                      json_schema_extra=cli(default="~/.cache/mesh-inference/llama.cpp"))
     llama_backend: Literal["cpu", "cuda", "metal"] | None = Field(
         None, description="llama.cpp backend to build: cpu, cuda or metal (CUDA needs nvcc and a visible GPU)",
-        json_schema_extra=cli(metavar="BACKEND", default="detected"))
+        json_schema_extra=cli(default="detected"))
     cuda_arch: str | None = Field(None, description="CUDA architectures to build for, e.g. 90 or 86;90",
                                   json_schema_extra=cli(metavar="ARCH", default="native"))
     llama_source: Path | None = Field(None, description="build llama.cpp from this local tree or tarball of the pinned "

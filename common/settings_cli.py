@@ -38,9 +38,25 @@ def _base_types(annotation: Any) -> set[type]:
         return _base_types(typing.get_args(annotation)[0])
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         return set().union(*(_base_types(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {str}
     if origin is not None:
         return {origin}
     return {annotation}
+
+
+def literal_choices(annotation: Any) -> list[str] | None:
+    """The allowed values of a `Literal[...]` field (inside Annotated / Optional), else None."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return [str(a) for a in typing.get_args(annotation)]
+    if origin is typing.Annotated:
+        return literal_choices(typing.get_args(annotation)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in typing.get_args(annotation):
+            if (found := literal_choices(arg)) is not None:
+                return found
+    return None
 
 
 def is_list(info: FieldInfo) -> bool:
@@ -70,6 +86,9 @@ def metavar(name: str, info: FieldInfo) -> str:
     extra = _extra(info)
     if "metavar" in extra:
         return extra["metavar"]
+    choices = literal_choices(info.annotation)
+    if choices:
+        return "{" + ",".join(choices) + "}"
     types = _base_types(info.annotation) - {type(None)}
     if Path in types:
         return "PATH"

@@ -41,6 +41,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 TARGETS = ("ggml-rpc-server", "llama-server")
+# tarfile's "data" filter (no links out, no device files) exists from Python 3.11.4 on
+SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 def load_pin() -> dict:
@@ -128,7 +130,7 @@ def fetch_source(pin: dict, dest: Path) -> None:
             m.name = m.name[len(prefix):]
         # vendor/llama.cpp/.git is a submodule pointer that leads nowhere once extracted; git apply would
         # then refuse to run ("not a git repository").
-        tar.extractall(dest, members=[m for m in members if m.name and m.name != ".git"], filter="data")
+        tar.extractall(dest, members=[m for m in members if m.name and m.name != ".git"], **SAFE_EXTRACT)
 
 
 def source_override() -> Path | None:
@@ -159,7 +161,7 @@ def copy_local_source(source: Path, dest: Path) -> None:
         say(f"using the local llama.cpp tarball {source} (MESH_LLAMA_SOURCE); extracting")
         with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
             with tarfile.open(source) as tar:
-                tar.extractall(tmp, filter="data")
+                tar.extractall(tmp, **SAFE_EXTRACT)
             shutil.copytree(_tree_root(Path(tmp)), dest, ignore=skip, dirs_exist_ok=True, symlinks=True)
     else:
         raise SystemExit(f"error: MESH_LLAMA_SOURCE={source} is neither a folder nor a tarball")

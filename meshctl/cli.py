@@ -192,6 +192,8 @@ def render_status(status: dict) -> str:
     lines = [f"node {me or '?'}  mesh {mesh.get('mesh_id', '?')}"]
     if runner.get("error"):
         lines.append(f"  ERROR: {runner['error']}")
+    if runner.get("progress"):
+        lines.append(f"in progress: {runner['progress']}")
     if gateway.get("error") and isinstance(gateway.get("error"), str):
         lines.append(f"  ERROR: {gateway['error']}")
     if "state" in plan:

@@ -32,6 +32,14 @@ def openai_error(status: int, message: str, kind: str, code: str | None = None, 
                         headers={RETRY_HEADER: "1"} if retry else None)
 
 
+def embeddings_unsupported() -> JSONResponse:
+    # llama-server answers 501 "start it with --embeddings"; runnerd does that by itself for an
+    # embedding model, so what the user can change is the model.
+    return openai_error(400, "the model this mesh serves is a generative model and does not produce embeddings; "
+                             "start the nodes with an embedding GGUF (one that sets a pooling type) "
+                             "to use /v1/embeddings", "invalid_request_error", "embeddings_not_supported")
+
+
 class Upstream:
     """Where requests go now; `wait` blocks until there is somewhere or the deadline passes."""
 
@@ -160,7 +168,10 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
             body = await read_json_body(request)
             if isinstance(body, Response):
                 return body
-            return await forward(request, path, body)
+            response = await forward(request, path, body)
+            if path == "/v1/embeddings" and response.status_code == 501:
+                return embeddings_unsupported()
+            return response
         app.post(path)(handler)
 
     for route in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):

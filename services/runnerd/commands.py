@@ -42,6 +42,8 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
             "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation]
     if threads:
         args += ["--threads", str(threads)]
+    if model.embeddings:
+        args += ["--embeddings"]  # an embedding model serves /v1/embeddings (and no chat)
     if binaries.has_fit:
         # runnerd sets the context size and the layers itself, so llama.cpp's fit pass would change
         # nothing; it would still read the model's vocabulary a second time (~0.35 s for Gemma's 262k

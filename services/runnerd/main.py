@@ -16,7 +16,7 @@ from typing import Callable
 
 import httpx
 
-from common import addresses
+from common import addresses, progress
 from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ModelInstallError, ensure_default_model
@@ -68,7 +68,15 @@ class Runnerd:
 
     # --- set-up --------------------------------------------------------------------------------
 
+    def report_progress(self, step: str, fraction: float) -> None:
+        """common.progress's reporter: called from the thread doing the work, published from the loop."""
+        text = f"{step} {fraction:.0%}" if fraction < 1 else ""
+        if text != self.state.progress:
+            self.loop.call_soon_threadsafe(lambda: self.update(progress=text))
+
     async def prepare(self) -> bool:
+        self.loop = asyncio.get_running_loop()
+        progress.set_reporter(self.report_progress)
         memory, source = detect_memory(self.settings.max_vram, self.settings.device)
         self.update(memory_bytes=memory, memory_source=source, status="preparing")
         log.info("memory offered: %.1f GB (%s)", memory / (1 << 30), source)
@@ -87,6 +95,8 @@ class Runnerd:
         except SystemExit as exc:  # the build/model helpers speak in one-line SystemExit messages
             self.fail(str(exc))
             return False
+        finally:
+            progress.set_reporter(None)
         backend = self.binaries.backend
         if not self.binaries.loads_local_weights:
             log.warning("ggml-rpc-server in %s lacks --gguf: remote hosts will push every weight over the network",
@@ -245,7 +255,10 @@ class Runnerd:
         self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason))
         log_start = self.llama.log_size()
         self.llama.start()
-        outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec)
+        outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec,
+                                     on_load=lambda pct: self.update(progress=f"loading the model {pct}%"),
+                                     log_start=log_start)
+        self.update(progress="")
         if outcome == "plan changed":
             log.info("plan changed while llama-server was loading; starting over")
             await self.llama.stop(grace=LLAMA_STOP_GRACE_S)
@@ -326,10 +339,23 @@ async def _wait_port(port: int, child: Child, timeout: float) -> bool:
     return False
 
 
-async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]) -> str:
+def load_percent(llama_log: str) -> int | None:
+    """llama.cpp prints one dot per percent of the tensors loaded after `load_tensors:` lines."""
+    start = llama_log.rfind("load_tensors:")
+    if start < 0:
+        return None
+    line_end = llama_log.find("\n", start)
+    after = llama_log[line_end + 1:] if line_end >= 0 else ""
+    dots = len(re.match(r"(?:load_tensors:[^\n]*\n)*(\.*)", after).group(1))
+    return min(dots, 100)
+
+
+async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool],
+                       on_load: Callable[[int], None] | None = None, log_start: int = 0) -> str:
     """Poll /health until "ready"; give up on "died", "plan changed", or "stalled": no new log output
     for LOAD_STALL_S (a load blocked on a peer that stopped answering would otherwise wait forever)."""
     last_size, last_progress = -1, time.monotonic()
+    shown = None
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
             if not child.running():
@@ -344,6 +370,10 @@ async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]
             size = child.log_size()
             if size != last_size:
                 last_size, last_progress = size, time.monotonic()
+                pct = load_percent(child.log_text(log_start)) if on_load else None
+                if pct is not None and pct != shown:
+                    shown = pct
+                    on_load(pct)
             elif time.monotonic() - last_progress > LOAD_STALL_S:
                 return "stalled"
             await asyncio.sleep(0.2)

@@ -21,8 +21,17 @@ STARTED: list["Node"] = []  # nodes started by the running test, for its failure
 RECOVERIES: list[dict] = []  # fault → recovery rows, printed at the end of the run (conftest.py)
 
 
+# A test's node takes its settings from the test alone; where llama.cpp builds and models live is the
+# machine's (MESH_LLAMA_CACHE=… ./scripts/just test uses that cache for every node).
+MACHINE_SETTINGS = ("MESH_LLAMA_CACHE", "MESH_LLAMA_BACKEND", "MESH_CUDA_ARCH", "MESH_LLAMA_SOURCE", "MESH_MODELS_DIR")
+
+
+def node_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("MESH_") or k in MACHINE_SETTINGS}
+
+
 def meshctl(*args: str, home: Path, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")} | (env or {})
+    full_env = node_env() | (env or {})
     return subprocess.run([*MESHCTL, *args, "--home", str(home)], capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 
@@ -41,7 +50,7 @@ class Node:
 
     def start(self, *flags: str) -> "Node":
         args = [*MESHCTL, "up", "--home", str(self.home), "--port", str(self.port), *self.extra, *flags]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MESH_")}
+        env = node_env()
         env.update({"MESH_SETTLE_DELAY": "1", "MESH_WAIT_FOR_HOST": "60"} | self.env)
         if self.netns:
             args = ["ip", "netns", "exec", self.netns, *args]

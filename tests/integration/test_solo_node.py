@@ -1,10 +1,13 @@
 """A solo node, end to end: the real supervisord, services and llama.cpp serve the default model."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -40,6 +43,30 @@ def test_plain_and_streamed_chat_completions(node):
         stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 3 and text.strip()
+
+
+def readme_curl_body() -> dict:
+    """The JSON body of the README's first curl: what a newcomer sends first."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    return json.loads(re.search(r"curl http://localhost:9337/v1/chat/completions.*?-d '(\{.*?\})'", readme, re.S).group(1))
+
+
+def test_the_readmes_first_request_gets_an_answer_that_stops(node):
+    """The default model is instruction-tuned: the README's "Hello!" (no max_tokens) ends on its own."""
+    body = readme_curl_body()
+    assert "max_tokens" not in body
+    started = time.monotonic()
+    r = httpx.post(f"{node.api}/v1/chat/completions", json=body, timeout=120)
+    elapsed = time.monotonic() - started
+    choice = r.json()["choices"][0]
+    print(f"README curl: {elapsed:.2f} s, {r.json()['usage']['completion_tokens']} tokens: {choice['message']['content']!r}")
+    assert r.status_code == 200 and choice["finish_reason"] == "stop" and choice["message"]["content"].strip()
+
+
+def test_embeddings_of_a_chat_model_is_a_clear_error(node):
+    r = httpx.post(f"{node.api}/v1/embeddings", json={"input": "hello", "model": "any"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "embeddings_not_supported", r.text
+    assert "embedding GGUF" in r.json()["error"]["message"]
 
 
 def test_chat_uses_the_models_turn_format(node):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType, PoolingType
 
 VOCAB_GGUF = Path(__file__).resolve().parents[1] / "data" / "ggml-vocab-llama-spm.gguf"
 
@@ -103,8 +103,9 @@ def _random_q4_0(rng: np.random.Generator, rows: int, row_length: int) -> np.nda
 
 def write_random_gguf(path: Path | str, *, n_layer: int, n_embd: int, n_ff: int, n_head: int,
                       n_head_kv: int, context_length: int = 4096, seed: int = 0,
-                      vocab_gguf: Path = VOCAB_GGUF) -> Path:
-    """Write a random-weight llama GGUF to `path`, one tensor in memory at a time; return `path`."""
+                      vocab_gguf: Path = VOCAB_GGUF, pooling_type: int | None = None) -> Path:
+    """Write a random-weight llama GGUF to `path`, one tensor in memory at a time; return `path`.
+    `pooling_type` (llama.cpp's: 1 mean, 2 cls, 3 last) makes it an embedding model."""
     shape = LlamaShape(n_layer, n_embd, n_ff, n_head, n_head_kv, context_length)
     if n_embd % n_head or n_head % n_head_kv:
         raise ValueError("n_embd must divide by n_head, and n_head by n_head_kv")
@@ -129,6 +130,8 @@ def write_random_gguf(path: Path | str, *, n_layer: int, n_embd: int, n_ff: int,
     writer.add_rope_dimension_count(n_embd // n_head)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(n_vocab)
+    if pooling_type is not None:
+        writer.add_pooling_type(PoolingType(pooling_type))
     for key, value, vtype, sub_type in tokenizer:
         writer.add_key_value(key, value, vtype, sub_type)
 

@@ -104,3 +104,16 @@ def test_weight_loads_sum_the_patch_summaries_per_worker():
     loads = {w.node_id: w for w in weight_loads(log_text, {"worker-b": 4001})}
     assert (loads["worker-b"].local_bytes, loads["worker-b"].sent_bytes, loads["worker-b"].misses) == (1100, 50, 2)
     assert loads["127.0.0.1:4999"].local_bytes == 7  # no forward known for it: named by its endpoint
+
+
+def test_an_embedding_model_is_served_with_embeddings_and_a_chat_model_is_not(tmp_path):
+    from tests.support.random_gguf import write_random_gguf
+    shape = dict(n_layer=1, n_embd=64, n_ff=128, n_head=2, n_head_kv=2)
+    embedder = inspect_gguf(write_random_gguf(tmp_path / "e.gguf", **shape, pooling_type=1))
+    chat = inspect_gguf(write_random_gguf(tmp_path / "c.gguf", **shape))
+    assert embedder.embeddings and not chat.embeddings
+    solo = plan(("me", 1.0))
+    assert "--embeddings" in llama_server_args(BINS, 8080, embedder, solo, "me", {}, backend="cpu", ctx_size=4096,
+                                               threads=None)
+    assert "--embeddings" not in llama_server_args(BINS, 8080, chat, solo, "me", {}, backend="cpu", ctx_size=4096,
+                                                   threads=None)
