@@ -79,6 +79,8 @@ class Settings(BaseSettings):
     rotation_grace: float = Field(86400.0, ge=0, description="seconds the previous mesh secret still admits known "
                                   "members after `meshctl token --rotate` (members offline during it)")
     log_level: str = Field("INFO")
+    test_faults: bool = Field(False, description="for tests only: a file MESH_HOME/run/fault-SERVICE-TASK makes "
+                              "that task of that service fail once (common/tasks.py)")
 
     @field_validator("join", "advertise", "advertise_data", mode="before")
     @classmethod
