@@ -103,26 +103,42 @@ class ServiceBus:
                 handler(message)
 
     async def serve_control_forever(self, handlers: dict[type, Handler]) -> None:
+        """Answer control requests; a slow one (a join dialing dead addresses) runs on its own task,
+        so `status` is answered meanwhile."""
+        in_flight: set[asyncio.Task] = set()
         while True:
             frames = await self.ctl_from_clients.recv_multipart()
             if len(frames) != 3:
                 continue
             identity, correlation_id, payload = frames
-            try:
-                request = decode(payload)
-                handler = handlers.get(type(request))
-                if handler is None:
-                    reply = Reply(ok=False, error=f"{self.service} does not handle {request.kind!r}")
-                else:
-                    reply = handler(request)
-                    if asyncio.iscoroutine(reply):
-                        reply = await reply
-            except ValidationError as exc:
-                reply = Reply(ok=False, error=f"malformed request: {exc.errors()[0].get('msg')}")
-            except Exception as exc:  # a failed request must still get an answer
-                log.exception("control request failed")
-                reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}")
+            reply = self._handle(handlers, payload)
+            if asyncio.iscoroutine(reply):
+                task = asyncio.ensure_future(self._answer_later(identity, correlation_id, reply))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+                continue
             await self.ctl_from_clients.send_multipart([identity, correlation_id, encode(reply)])
+
+    def _handle(self, handlers: dict[type, Handler], payload: bytes):
+        try:
+            request = decode(payload)
+            handler = handlers.get(type(request))
+            if handler is None:
+                return Reply(ok=False, error=f"{self.service} does not handle {request.kind!r}")
+            return handler(request)
+        except ValidationError as exc:
+            return Reply(ok=False, error=f"malformed request: {exc.errors()[0].get('msg')}")
+        except Exception as exc:  # a failed request must still get an answer
+            log.exception("control request failed")
+            return Reply(ok=False, error=f"{type(exc).__name__}: {exc}")
+
+    async def _answer_later(self, identity: bytes, correlation_id: bytes, pending) -> None:
+        try:
+            reply = await pending
+        except Exception as exc:
+            log.exception("control request failed")
+            reply = Reply(ok=False, error=f"{type(exc).__name__}: {exc}")
+        await self.ctl_from_clients.send_multipart([identity, correlation_id, encode(reply)])
 
     def close(self) -> None:
         self.ctx.destroy(linger=0)

@@ -62,7 +62,8 @@ def cli(*, metavar: str | None = None, default: str | None = None, short: str | 
 
 
 # Settings that are not `meshctl up` flags (still MESH_* variables and config keys): keep it short.
-NOT_FLAGS: frozenset[str] = frozenset({"console_port", "console_host", "console_api_key"})  # `meshctl console`'s own
+NOT_FLAGS: frozenset[str] = frozenset({"console_port", "console_host", "console_api_key",  # `meshctl console`'s own
+                                      "test_faults"})
 
 
 class Settings(BaseSettings):
@@ -143,6 +144,8 @@ class Settings(BaseSettings):
     console_port: int = Field(3131, ge=1, le=65535, description="port of the web console (`meshctl console`)")
     console_host: str = Field("127.0.0.1", description="address the web console listens on (not loopback: needs console_api_key)")
     console_api_key: str | None = Field(None, description="key the web console asks for (required off loopback)")
+    test_faults: bool = Field(False, description="for tests only: a file MESH_HOME/run/fault-SERVICE-TASK makes "
+                              "that task of that service fail once (common/tasks.py)")
 
     @field_validator("join", "advertise", "advertise_data", mode="before")
     @classmethod

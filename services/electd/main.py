@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 
 from common.bus import ServiceBus
 from common.logs import setup_logging
 from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
 from common.settings import Settings, service_settings
+from common.tasks import Supervisor
 from services.electd.election import Candidate, make_plan
 
 log = logging.getLogger("electd")
@@ -85,12 +87,18 @@ class Electd:
         return Reply(ok=True, data=self.plan.model_dump())
 
     async def serve(self) -> None:
-        await asyncio.gather(
-            self.bus.publish_forever(self.current_state),
-            self.bus.receive_forever({MeshState: self.on_mesh, RunnerState: self.on_runner}),
-            self.bus.serve_control_forever({StatusRequest: self.on_status}),
-            self.settle_forever(),
-        )
+        stopping = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stopping.set)
+        tasks = Supervisor("electd", self.settings.home, test_faults=self.settings.test_faults)
+        tasks.spawn("publish", self.bus.publish_forever(self.current_state))
+        tasks.spawn("receive", self.bus.receive_forever({MeshState: self.on_mesh, RunnerState: self.on_runner}))
+        tasks.spawn("control", self.bus.serve_control_forever({StatusRequest: self.on_status}))
+        tasks.spawn("settle", self.settle_forever())
+        failure = await tasks.run_until(stopping)
+        self.bus.close()
+        if failure:
+            raise SystemExit(1)
 
 
 def main() -> None:

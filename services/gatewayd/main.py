@@ -29,6 +29,7 @@ from common.local_keys import read_llama_key
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
 from common.settings import Settings, service_settings
+from common.tasks import Supervisor
 from services.gatewayd.api import Upstream, build_app
 from services.gatewayd.policy import RPC_PLAN_WAIT_S, rpc_refusal
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
@@ -274,20 +275,19 @@ class Gatewayd:
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        tasks = [
-            asyncio.ensure_future(self.bus.publish_forever(self.current_state)),
-            asyncio.ensure_future(self.bus.receive_forever(
-                {MeshState: self.on_mesh, Plan: self.on_plan, RunnerState: self.on_runner})),
-            asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
-            asyncio.ensure_future(self.reconcile_forever()),
-        ]
+        tasks = Supervisor("gatewayd", self.settings.home, test_faults=self.settings.test_faults)
+        tasks.spawn("publish", self.bus.publish_forever(self.current_state))
+        tasks.spawn("receive", self.bus.receive_forever(
+            {MeshState: self.on_mesh, Plan: self.on_plan, RunnerState: self.on_runner}))
+        tasks.spawn("control", self.bus.serve_control_forever({StatusRequest: self.on_status}))
+        tasks.spawn("reconcile", self.reconcile_forever())
         members = uvicorn.Server(uvicorn.Config(
             build_app(self.local_llama, wait_for_host=MEMBERS_WAIT_FOR_LLAMA_S, api_key=None, status=None,
                       metrics=None, counters=self.counters),
             log_level="warning", access_log=False, timeout_graceful_shutdown=5))
         members.install_signal_handlers = lambda: None
         members_sock = self.members_api_socket()
-        tasks.append(asyncio.ensure_future(members.serve(sockets=[members_sock])))
+        tasks.spawn("members-api", members.serve(sockets=[members_sock]))
         self.members_api = members_sock.getsockname()
         server = None
         sock = None if self.state.error else self.api_socket()
@@ -297,17 +297,13 @@ class Gatewayd:
             config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
             server.install_signal_handlers = lambda: None  # we own SIGTERM
-            tasks.append(asyncio.ensure_future(server.serve(sockets=[sock])))
+            tasks.spawn("api", server.serve(sockets=[sock]))
             log.info("API on http://%s:%d/v1", self.settings.api_bind_host, self.settings.port)
-        await stopping.wait()
-        members.should_exit = True
-        if server:
-            server.should_exit = True
-        await asyncio.sleep(0.2)
-        for task in tasks:
-            task.cancel()
+        failure = await tasks.run_until(stopping)
         await self.tunnels.close()
         self.bus.close()
+        if failure:
+            raise SystemExit(1)
 
 
 def main() -> None:

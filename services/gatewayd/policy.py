@@ -15,12 +15,12 @@ def rpc_refusal(kind: str, plan: Plan, me: str, dialer: str, *, connected: bool)
     """Why `dialer` may not open a `kind` tunnel here, or None."""
     if kind != "rpc":
         return f"no tunnel kind {kind[:40]!r} here"
-    if plan.state != "split" or not plan.host:
-        return f"this node serves no split now ({plan.state}); only its plan's host may use its rpc-server"
+    # Only the host matters, not the plan's state: split flags (--split, --tensor-split) may be set on the
+    # host alone, so a worker may plan "solo" on the same host that splits over it.
+    if not plan.host or plan.host == me:
+        return f"this node has no host to serve now ({plan.state}); only its plan's host may use its rpc-server"
     if dialer != plan.host:
         return f"node {dialer[:8]} is not the host of this node's plan (the host is {plan.host[:8]})"
-    if me not in {m.node_id for m in plan.members}:
-        return "this node is not a member of its plan's split"
     if not connected:
         return f"no live mesh link to the host {dialer[:8]}"
     return None

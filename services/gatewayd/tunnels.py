@@ -52,6 +52,9 @@ LANE_TCP = "tls-tcp"
 LANE_QUIC = "quic"
 TCP_CONNECT_TIMEOUT = 1.5     # auto mode falls back to QUIC after this
 SETUP_TIMEOUT = 5.0           # TLS handshake + auth + verdict, and a QUIC dial
+STRANGER_TIMEOUT = 3.0        # TLS handshake + the dialer's signed answer (the server side)
+MAX_UNAUTHENTICATED = 64      # TLS-lane connections still proving themselves, all sources together
+MAX_UNAUTHENTICATED_PER_SOURCE = 16
 TARGET_CONNECT_TIMEOUT = 5.0
 RACE_STAGGER = 0.25           # between attempts at a peer's successive addresses
 TCP_RETRY_AFTER = 60.0        # a peer that needed QUIC gets TCP tried again after this
@@ -496,6 +499,8 @@ class TunnelService:
         self._splices: set[_Splice] = set()
         self._tasks: set[asyncio.Task] = set()
         self._tcp_listener: socket.socket | None = None
+        self._unauthenticated: dict[socket.socket, tuple[str, asyncio.Task]] = {}  # oldest first
+        self.strangers_dropped = 0
         self._quic: QuicEndpoint | None = None
         self._closing = False
         self._server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -526,7 +531,7 @@ class TunnelService:
             listener.close()
             raise
         self._tcp_listener = listener
-        _accept_on_loop(listener, lambda sock: self._spawn(self._serve_tls(sock)))
+        _accept_on_loop(listener, self._accept_tls)
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
                                   authorize=self._authorize_quic, on_connection=self._on_quic_connection)
         await self._quic.start()
@@ -799,6 +804,28 @@ class TunnelService:
             connecting = loop.create_connection(lambda: splice.local_side, target[0], target[1])
         await asyncio.wait_for(connecting, TARGET_CONNECT_TIMEOUT)
 
+    def _accept_tls(self, sock: socket.socket) -> None:
+        """Bound what strangers cost: connections not yet authenticated are capped per source address and
+        in all; past a cap the oldest such connection is dropped (a member needs milliseconds to
+        authenticate, a flood's connections sit there), and each has STRANGER_TIMEOUT to prove itself."""
+        try:
+            ip = sock.getpeername()[0]
+        except OSError:
+            sock.close()
+            return
+        pending = self._unauthenticated
+        same_source = [s for s, (source, _) in pending.items() if source == ip]
+        if len(same_source) >= MAX_UNAUTHENTICATED_PER_SOURCE:
+            self._drop_unauthenticated(same_source[0])
+        elif len(pending) >= MAX_UNAUTHENTICATED:
+            self._drop_unauthenticated(next(iter(pending)))
+        pending[sock] = (ip, self._spawn(self._serve_tls(sock)))
+
+    def _drop_unauthenticated(self, sock: socket.socket) -> None:
+        _, task = self._unauthenticated.pop(sock)
+        self.strangers_dropped += 1
+        task.cancel()  # _serve_tls closes the socket
+
     async def _serve_tls(self, sock: socket.socket) -> None:
         setup = _TlsSetup(sock, self._server_tls, server_side=True)
         splice: _Splice | None = None
@@ -813,21 +840,25 @@ class TunnelService:
                 splice.close(abort=True)
             raise
         except (AuthError, FrameError, OSError, asyncio.TimeoutError, ssl.SSLError, ValueError) as exc:
-            log.info("refused a TLS tunnel: %s", exc)
+            log.info("refused a TLS tunnel: %s", exc or type(exc).__name__)
             setup.close()
             if splice is not None:
                 splice.close(abort=True)
             return
+        finally:
+            self._unauthenticated.pop(sock, None)
         stats.lane = LANE_TCP
         splice.attach_pump(setup)
 
     async def _authenticate_tls_dialer(self, setup: _TlsSetup) -> tuple[_Splice, _PeerStats] | None:
         """Challenge the dialer, check the tunnel header, connect the target, send the verdict."""
-        await setup.handshake()
-        nonce, challenge = make_challenge(self.identity)
-        await setup.send(challenge)
-        dialer_id, _claims = check_answer(await setup.read_frame(), nonce,
-                                          self.identity.node_id, TLS_AUTH_CONTEXT)
+        async def prove() -> tuple[str, dict]:
+            await setup.handshake()
+            nonce, challenge = make_challenge(self.identity)
+            await setup.send(challenge)
+            return check_answer(await setup.read_frame(), nonce, self.identity.node_id, TLS_AUTH_CONTEXT)
+        dialer_id, _claims = await asyncio.wait_for(prove(), STRANGER_TIMEOUT)
+        self._unauthenticated.pop(setup.sock, None)  # a known key from here on: no longer a stranger's slot
         header = await setup.read_frame()
         reason, target = await self._refusal(dialer_id, header)
         if reason is not None:

@@ -27,6 +27,7 @@ from common.messages import (Announcement, GatewayState, JoinRequest, LeaveReque
                              RunnerState, StatusRequest, TokenRequest)
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 from common.settings import Settings, service_settings
+from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
 from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
@@ -420,21 +421,25 @@ class Meshd:
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        tasks = [asyncio.ensure_future(t) for t in (
-            self.bus.publish_forever(self.current_state),
-            self.bus.receive_forever({RunnerState: self.on_runner, GatewayState: self.on_gateway, Plan: self.on_plan}),
-            self.bus.serve_control_forever({StatusRequest: self.on_status, JoinRequest: lambda r: self.join(r.token),
-                                            TokenRequest: self.on_token, LeaveRequest: self.on_leave}),
-            self.gossip_forever(), self.heartbeat_forever(), self.connect_forever())]
+        tasks = Supervisor("meshd", self.settings.home, test_faults=self.settings.test_faults)
+        tasks.spawn("publish", self.bus.publish_forever(self.current_state))
+        tasks.spawn("receive", self.bus.receive_forever(
+            {RunnerState: self.on_runner, GatewayState: self.on_gateway, Plan: self.on_plan}))
+        tasks.spawn("control", self.bus.serve_control_forever(
+            {StatusRequest: self.on_status, JoinRequest: lambda r: self.join(r.token), TokenRequest: self.on_token,
+             LeaveRequest: self.on_leave}))
+        tasks.spawn("gossip", self.gossip_forever())
+        tasks.spawn("heartbeat", self.heartbeat_forever())
+        tasks.spawn("connect", self.connect_forever())
         for token in self.settings.join:
             asyncio.ensure_future(self.join(token))
-        await stopping.wait()
-        await self.leave(tasks)
+        failure = await tasks.run_until(stopping)
+        await self.leave()
+        if failure:
+            raise SystemExit(1)
 
-    async def leave(self, tasks: list[asyncio.Future]) -> None:
+    async def leave(self) -> None:
         """Tell every peer we are going, so they re-plan now instead of after a timeout."""
-        for task in tasks:
-            task.cancel()
         for links in list(self.links.values()):
             for link in links:
                 try:

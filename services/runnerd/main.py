@@ -26,6 +26,7 @@ from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, SpeculationState,
                              StatusRequest, WeightLoad)
 from common.settings import Settings, service_settings
+from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
 from services.runnerd.memory import detect_memory
@@ -291,23 +292,22 @@ class Runnerd:
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
-        bus_tasks = [
-            asyncio.ensure_future(self.bus.publish_forever(self.current_state)),
-            asyncio.ensure_future(self.bus.receive_forever(
-                {Plan: self.on_plan, GatewayState: self.on_gateway, MeshState: self.on_mesh})),
-            asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
-        ]
-        work: list[asyncio.Future] = []
+        tasks = Supervisor("runnerd", self.settings.home, test_faults=self.settings.test_faults)
+        tasks.spawn("publish", self.bus.publish_forever(self.current_state))
+        tasks.spawn("receive", self.bus.receive_forever(
+            {Plan: self.on_plan, GatewayState: self.on_gateway, MeshState: self.on_mesh}))
+        tasks.spawn("control", self.bus.serve_control_forever({StatusRequest: self.on_status}))
         if await self.prepare():
-            work = [asyncio.ensure_future(self.keep_rpc_server()), asyncio.ensure_future(self.keep_llama_server()),
-                    asyncio.ensure_future(self.watch_draft_acceptance())]
-        await stopping.wait()
-        for task in work + bus_tasks:
-            task.cancel()
+            tasks.spawn("rpc-server", self.keep_rpc_server())
+            tasks.spawn("llama-server", self.keep_llama_server())
+            tasks.spawn("draft-acceptance", self.watch_draft_acceptance())
+        failure = await tasks.run_until(stopping)
         for child in (self.llama, self.rpc):
             if child:
                 await child.stop()
         self.bus.close()
+        if failure:
+            raise SystemExit(1)
 
 
 GGUF_SUMMARY = re.compile(r"rpc-gguf: summary hits=(\d+) misses=(\d+) hit_bytes=(\d+) miss_bytes=(\d+) "

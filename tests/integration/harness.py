@@ -48,6 +48,13 @@ class Node:
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def headers(self) -> dict:
+        """The API key this node was started with (--api-key), as a request header."""
+        flags = self.extra
+        key = flags[flags.index("--api-key") + 1] if "--api-key" in flags else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def start(self, *flags: str) -> "Node":
         args = [*MESHCTL, "up", "--home", str(self.home), "--port", str(self.port), *self.extra, *flags]
         env = node_env()
@@ -82,7 +89,7 @@ class Node:
         if self.netns:
             return self.status().get("gatewayd", {}).get("upstream", "") != ""
         try:
-            return httpx.get(f"{self.api}/health", timeout=2).status_code == 200
+            return httpx.get(f"{self.api}/health", timeout=2, headers=self.headers).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -101,7 +108,7 @@ class Node:
             if out.returncode != 0:
                 raise httpx.HTTPError(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed")
             return json.loads(out.stdout)["choices"][0]["message"]["content"]
-        r = httpx.post(f"{self.api}/v1/chat/completions", json=body, timeout=180)
+        r = httpx.post(f"{self.api}/v1/chat/completions", json=body, timeout=180, headers=self.headers)
         r.raise_for_status()
         return r.json()["choices"][0]["message"]["content"]
 

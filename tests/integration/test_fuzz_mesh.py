@@ -71,6 +71,102 @@ def encode(kind: str, value) -> bytes:
     return struct.pack(">I", len(body)) + body
 
 
+def test_well_formed_lies_from_a_member_are_not_believed(node, tmp_path):
+    """A member that holds the secret sends signed-looking announcements for nodes it is not, its own
+    announcement altered, replays, garbage rotations: none is believed, all are counted."""
+    import base64
+    import time
+
+    from common.messages import Announcement
+    from services.meshd.gossip import sign_announcement, sign_rotation
+
+    meshd_pid = node.service_pid("meshd")
+    token = decode_token(node.token())
+    me = NodeIdentity.load_or_create(tmp_path / "liar")
+    victim = NodeIdentity.load_or_create(tmp_path / "victim")  # a node that never joined
+
+    def mine(seq: int, **kw) -> dict:
+        return sign_announcement(Announcement(node_id=me.node_id, seq=seq, role="worker", version="t", **kw),
+                                 token.mesh_id, me).model_dump(mode="json")
+    genuine = mine(10)
+    forged = sign_announcement(Announcement(node_id=victim.node_id, seq=5, role="worker", version="t",
+                                            memory_bytes=1 << 45, host_ready=True), token.mesh_id, me)
+    forged = forged.model_dump(mode="json")
+    altered = dict(mine(11), memory_bytes=1 << 45, host_ready=True)
+    victim_fake_key = dict(forged, public_key=base64.b64encode(victim.public_key_der).decode())
+    frames = [
+        {"t": "gossip", "anns": [genuine]},
+        {"t": "gossip", "anns": [genuine, forged, victim_fake_key]},
+        {"t": "gossip", "anns": [altered]},
+        {"t": "gossip", "anns": [genuine], "secret": sign_rotation(token.mesh_id, 99, "zz" * 32, me)},
+        {"t": "gossip", "anns": [genuine], "secret": {"mesh": token.mesh_id, "gen": 99, "secret": "ab" * 32}},
+        {"t": "gossip", "anns": [genuine], "secret": sign_rotation(token.mesh_id, 99, "cd" * 32, victim)},
+    ]
+
+    async def lie() -> None:
+        endpoint = QuicEndpoint(me, alpn=ALPN, host="127.0.0.1")
+        await endpoint.start()
+        try:
+            claims = lambda nonce, server_id: {"mesh": token.mesh_id,  # noqa: E731
+                                               "proof": admission_proof(token.secret, nonce, me.node_id, server_id)}
+            conn = await endpoint.dial(tuple(token.addrs[0]), expected_node_id=token.node_id, claims_for=claims)
+            _, writer = await conn.open_stream()
+            for frame in frames:
+                writer.write(encode("json", frame))
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+        finally:
+            await endpoint.close()
+    asyncio.run(lie())
+    status = node.status()["meshd"]
+    believed = {p["announcement"]["node_id"]: p["announcement"] for p in status["peers"]}
+    assert victim.node_id not in believed
+    assert believed.get(me.node_id, {}).get("memory_bytes", 0) == 0
+    dropped = status["gossip_dropped"]
+    assert dropped.get("forged", 0) >= 2 and dropped.get("altered", 0) >= 1 and dropped.get("bad_rotation", 0) >= 3
+    assert decode_token(node.token()).secret == token.secret, "a garbage rotation changed the mesh secret"
+    still_serving(node, meshd_pid)
+
+
+def http_bodies():
+    return st.one_of(st.binary(max_size=200), json_values().map(lambda v: json.dumps(v).encode()),
+                     st.fixed_dictionaries({}, optional={
+                         "model": json_values(), "messages": json_values() | st.lists(
+                             st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "x"]) | json_values(),
+                                                    "content": json_values()}), max_size=3),
+                         "prompt": json_values(), "max_tokens": st.integers(-5, 8) | json_values(),
+                         "stream": json_values(), "input": json_values(), "n_probs": json_values(),
+                         "temperature": json_values()}).map(lambda v: json.dumps(v).encode()))
+
+
+def test_random_bodies_at_every_http_route(node):
+    """Every route of the API, any body: an answer (an OpenAI-style error when it is wrong), never a hang,
+    a crash or a 500 of ours."""
+    import httpx
+
+    meshd_pid, gatewayd_pid = node.service_pid("meshd"), node.service_pid("gatewayd")
+    routes = [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/v1/embeddings"),
+              ("GET", "/v1/models"), ("GET", "/health"), ("GET", "/mesh/status"), ("GET", "/metrics"),
+              ("POST", "/mesh/status"), ("PUT", "/v1/chat/completions"), ("GET", "/nope")]
+    seen: dict[int, int] = {}
+    with httpx.Client(base_url=node.api, timeout=120) as client:
+        @settings(max_examples=FUZZ_CASES, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.sampled_from(routes), http_bodies(),
+               st.sampled_from(["application/json", "text/plain", "", "application/x-www-form-urlencoded"]))
+        def fuzz(route, body, content_type):
+            method, path = route
+            r = client.request(method, path, content=body, headers={"content-type": content_type} if content_type else {})
+            seen[r.status_code] = seen.get(r.status_code, 0) + 1
+            assert r.status_code < 500 or (r.headers.get("content-type", "").startswith("application/json")
+                                           and "error" in r.json()), (method, path, body, r.status_code, r.text[:200])
+            if r.status_code >= 400 and r.headers.get("content-type", "").startswith("application/json"):
+                assert isinstance(r.json(), dict)
+        fuzz()
+    print(f"HTTP fuzz: status codes {dict(sorted(seen.items()))}")
+    assert node.service_pid("gatewayd") == gatewayd_pid
+    still_serving(node, meshd_pid)
+
+
 def test_random_datagrams_at_the_quic_port(node):
     meshd_pid = node.service_pid("meshd")
     host, port = node.status()["meshd"]["listen"][0]

@@ -213,6 +213,69 @@ def test_allow_decides_who_opens_which_kind_and_unix_targets_work(identities, tm
     asyncio.run(main())
 
 
+def test_a_flood_of_strangers_on_the_tls_lane_is_bounded_and_members_get_through(identities) -> None:
+    """Strangers open many TCP connections to the TLS lane and sit on them (or finish TLS and never answer
+    the challenge); the server keeps at most its cap of them, and a member's tunnels work throughout."""
+    import socket
+    import ssl
+    from services.gatewayd.tunnels import MAX_UNAUTHENTICATED
+
+    a, b, _ = identities
+    flood_size = 4 * MAX_UNAUTHENTICATED
+
+    async def main():
+        echo_server, echo_port = await start_echo_server()
+        far = TunnelService(b, is_member=lambda n: n == a.node_id, local_target=lambda k: ("127.0.0.1", echo_port),
+                            bind_host="127.0.0.1")
+        tcp, quic = await far.start()
+        member = TunnelService(a, is_member=lambda n: True, local_target=lambda k: None, bind_host="127.0.0.1",
+                               prefer="tcp")
+        await member.start()
+        port = await member.open_forward(PeerDataAddrs(b.node_id, tcp, quic), "rpc")
+        loop = asyncio.get_running_loop()
+        strangers = []
+        for i in range(flood_size):
+            sock = socket.socket()
+            sock.setblocking(False)
+            await loop.sock_connect(sock, tuple(tcp[0]))
+            strangers.append(sock)
+            if i % 16 == 0:  # a member keeps working while the flood goes on
+                assert await asyncio.wait_for(echo_through(port, b"during"), 10) == b"during"
+        # some strangers finish TLS and then say nothing
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        tls_strangers = [await asyncio.open_connection(*tcp[0], ssl=context) for _ in range(8)]
+        assert await asyncio.wait_for(echo_through(port, b"after"), 10) == b"after"
+        await asyncio.sleep(0.2)
+        assert len(far._unauthenticated) <= MAX_UNAUTHENTICATED
+        assert far.strangers_dropped >= flood_size - MAX_UNAUTHENTICATED
+
+        def closed(sock: socket.socket) -> bool:
+            try:
+                return sock.recv(1) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                return True
+        await wait_for_condition(lambda: sum(closed(s) for s in strangers) >= flood_size - MAX_UNAUTHENTICATED, 5,
+                                 "the server to hang up on strangers past its cap")
+        # and every stranger is gone once its time to prove itself is over
+        await wait_for_condition(lambda: not far._unauthenticated, 10, "strangers timed out")
+        for reader, writer in tls_strangers:  # they got the challenge, then the server hung up
+            try:
+                await asyncio.wait_for(reader.read(), 5)
+            except (ConnectionError, ssl.SSLError):
+                pass
+            assert reader.at_eof() or reader.exception() is not None
+            writer.close()
+        for sock in strangers:
+            sock.close()
+        for service in (member, far):
+            await service.close()
+        echo_server.close()
+    asyncio.run(main())
+
+
 async def echo_handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     while data := await reader.read(1 << 16):
         writer.write(data)

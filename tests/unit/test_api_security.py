@@ -85,3 +85,36 @@ def test_without_a_key_routes_answer():
     app = make_app(None)
     assert call(app, "GET", "/mesh/status").status_code == 200
     assert call(app, "POST", "/v1/chat/completions").status_code == 503
+
+
+def test_the_members_api_serves_only_the_openai_routes():
+    members = build_app(Upstream(), wait_for_host=0, api_key=None, status=None, metrics=None,
+                        counters={"served": 0, "failed": 0})
+    paths = {path for _, path in routes(members)}
+    assert "/mesh/status" not in paths and "/metrics" not in paths and "/v1/chat/completions" in paths
+    r = call(members, "POST", "/v1/chat/completions")
+    assert r.status_code == 503 and r.headers.get("x-mesh-retry") == "1"  # the asking gateway retries
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(which=st.sampled_from(["public", "keyed", "members"]), method=st.sampled_from(["GET", "POST", "PUT", "DELETE"]),
+       path=st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health",
+                             "/mesh/status", "/metrics", "/", "/v1/", "/v1/chat/completions/../../mesh/status"]),
+       body=st.binary(max_size=300) | st.text(max_size=100).map(str.encode),
+       auth=st.sampled_from([None, f"Bearer {KEY}", "Bearer", "", "Basic x"]))
+def test_fuzz_random_requests_at_every_route_get_an_answer(which, method, path, body, auth):
+    app = {"public": lambda: make_app(None), "keyed": lambda: make_app(KEY),
+           "members": lambda: build_app(Upstream(), wait_for_host=0, api_key=None, status=None, metrics=None,
+                                        counters={"served": 0, "failed": 0})}[which]()
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            return await client.request(method, path, content=body, headers={"authorization": auth} if auth else {})
+    r = asyncio.run(go())
+    assert r.status_code in (200, 400, 401, 404, 405, 413, 422, 503), (r.status_code, r.text[:200])
+    if which == "keyed" and auth != f"Bearer {KEY}":
+        assert r.status_code == 401
