@@ -91,14 +91,15 @@ class Cell:
 class Setup:
     """One way's processes at one RTT: rpc-server, the path to it, llama-server."""
 
-    def __init__(self, way: str, rtt_ms: float, bins, model: Path, log_dir: Path, stack: contextlib.ExitStack):
+    def __init__(self, way: str, rtt_ms: float, bins, model: Path, log_dir: Path, stack: contextlib.ExitStack,
+                 lane: str = "tcp"):
         self.way = way
         info = inspect_gguf(model)
         mesh = way != "stock"
         worker = start_rpc_server(bins, log_dir, name=f"rpc-{way}-{rtt_ms:g}",
                                   gguf=model if mesh and bins.loads_local_weights else None)
         stack.callback(worker.stop)
-        path = PATHS["mesh" if mesh else "stock-direct"]
+        path = PATHS[("mesh" if lane == "tcp" else "mesh-quic") if mesh else "stock-direct"]
         endpoints: Endpoints = stack.enter_context(path.open([worker.address], rtt_ms))
         plan = Plan(state="split", host=HOST, key="bench", members=[PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5),
                                                                     PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5)])
@@ -144,7 +145,7 @@ def _backend() -> str:
 def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir: Path) -> list[Sample]:
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack, httpx.Client(timeout=args.request_timeout) as client:
-        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack) for way in WAYS]
+        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane) for way in WAYS]
         for s in setups:
             s.ready(args.load_timeout)
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="tokens per answer for every workload (default: per workload)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="always decode --max-tokens (for random-weight models, whose answers end anywhere)")
+    parser.add_argument("--lane", choices=("tcp", "quic"), default="tcp",
+                        help="the mesh's lane: tcp (TLS over TCP, the default between reachable nodes) or quic")
     parser.add_argument("--bin-dir", type=Path)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="product-latest", help="file name of the results (json, png)")
@@ -304,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.bench_rpc import gpu_names
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpu_names()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    report = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine,
+    report = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "lane": args.lane,
               "models": {k: str(v) for k, v in models.items()}, "rtts_ms": args.rtts, "quick": args.quick,
               "speculation_by_rtt": speculation_by_rtt, "errors": errors, "table": table,
               "cells": [asdict(c) for c in cells], "samples": [asdict(s) for s in samples]}

@@ -65,3 +65,15 @@ def test_acceptance_counts_from_prometheus_text():
             "llamacpp:spec_decode_num_accepted_tokens_total 90\n")
     assert draft_counts(text) == (120, 90)
     assert draft_counts("llamacpp:prompt_tokens_total 5\n") is None
+
+
+def test_status_shows_the_mode_why_and_the_acceptance():
+    from meshctl.cli import render_status
+    from common.messages import RunnerState, SpeculationState
+    runner = RunnerState(speculation=SpeculationState(setting="auto", mode="ngram", reason="auto: ngram (slowest worker 20.0 ms away)",
+                                                      drafted_tokens=120, accepted_tokens=90, acceptance_rate=0.75))
+    text = render_status({"meshd": {"node_id": "n"}, "electd": {}, "runnerd": runner.model_dump(), "gatewayd": {}})
+    assert "speculative decoding: ngram — auto: ngram (slowest worker 20.0 ms away); drafts accepted 75% (90/120 tokens)" in text
+    off = RunnerState(speculation=SpeculationState(setting="auto", mode="off", reason="auto: off on a solo node"))
+    text = render_status({"meshd": {"node_id": "n"}, "electd": {}, "runnerd": off.model_dump(), "gatewayd": {}})
+    assert "speculative decoding: off — auto: off on a solo node" in text
