@@ -140,7 +140,8 @@
     $("node-error").classList.toggle("hidden", !node.error);
     $("start-solo").disabled = $("start-client").disabled = !!node.busy;
     $("stop-node").disabled = !!node.busy || !node.running;
-    $("start-solo").textContent = node.running ? "Restart node" : "Start node";
+    $("start-solo").textContent = node.running ? "Restart with a model" : "Start node";
+    $("start-client").textContent = node.running ? "Restart as lite client" : "Start as lite client";
 
     // plan
     const plan = view.plan;
