@@ -253,6 +253,7 @@
     if (!confirm("Leave this mesh? This node will be on its own, in a new mesh.")) return;
     busy(e.target, async () => {
       const r = await api("/api/leave", {});
+      if (r.ok) say("join-msg", "", "");
       say("invite-msg", r.ok ? `Left the mesh; this node is now alone in mesh ${r.data.mesh_id}.` : r.error, r.ok ? "ok" : "error");
     });
   });
@@ -352,7 +353,8 @@
       const eta = d.eta_s === null ? "" : ` · ${Math.ceil(d.eta_s)} s left`;
       const rate = d.rate_bps ? ` · ${bytes(d.rate_bps)}/s` : "";
       card.line.textContent = `${bytes(d.done_bytes)} of ${bytes(d.total_bytes)} (${pct.toFixed(0)}%)${rate}${eta}` +
-        (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "");
+        (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "") +
+        (d.state === "done" ? ` · verified: size${d.sha256 ? " and sha256" : ""} match the Hub, GGUF header read` : "");
       card.error.textContent = d.error || "";
       if (card.shownState === d.state) continue;
       card.shownState = d.state;
