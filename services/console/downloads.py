@@ -7,6 +7,7 @@ and starting it again resumes from there with an HTTP range request (huggingface
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -182,10 +183,15 @@ class DownloadManager:
                          done_bytes=kept)
         except HubError as exc:
             self._update(job, state="failed", error=str(exc), rate_bps=0.0, eta_s=None)
-        except Exception as exc:  # network trouble mid-way: the partial file stays, to resume from
+        except Exception as exc:  # the partial file stays, to resume from
             log.warning("download of %s failed: %s", job.file, exc)
-            message = explain_hub_error(exc, f"download of {job.file} stopped")
-            self._update(job, state="failed", error=f"{message}; start it again to resume", rate_bps=0.0, eta_s=None)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                message = f"the disk filled up while downloading {job.file}; free some space, then resume"
+            elif isinstance(exc, OSError) and exc.errno is not None:
+                message = f"cannot write {partial}: {exc.strerror or exc}; fix that, then resume"
+            else:  # network trouble mid-way
+                message = f"{explain_hub_error(exc, f'download of {job.file} stopped')}; start it again to resume"
+            self._update(job, state="failed", error=message, rate_bps=0.0, eta_s=None)
         finally:
             self._update(job, finished=time.time())
 
