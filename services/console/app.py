@@ -289,8 +289,18 @@ def build_app(home: Path, policy: AccessPolicy) -> FastAPI:
     return app
 
 
+def interface_names() -> tuple[str, ...]:
+    """What other machines may call us when we listen on every interface: our addresses and host name."""
+    import socket
+
+    import psutil
+    found = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+    return tuple(sorted(found | {socket.gethostname()}))
+
+
 def serve(home: Path, host: str, port: int, *, api_key: str | None, open_browser: bool) -> None:
-    policy = AccessPolicy(hosts=allowed_hosts(host, port), api_key=api_key)
+    extra = interface_names() if host in ("0.0.0.0", "::") else ()
+    policy = AccessPolicy(hosts=allowed_hosts(host, port, extra), api_key=api_key)
     app = build_app(home, policy)
     url = f"http://{'localhost' if host in ('127.0.0.1', 'localhost') else host}:{port}/"
     print(f"Console for MESH_HOME={home} at {url} — Ctrl-C stops it (the node keeps running).", flush=True)

@@ -7,6 +7,7 @@ and starting it again resumes from there with an HTTP range request (huggingface
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -23,6 +24,7 @@ from services.console.models import DOWNLOADS_SUBDIR, HubError, check_repo_id, e
 
 log = logging.getLogger("console")
 RATE_WINDOW_S = 5.0
+CHUNK_BYTES = 1 << 20  # progress moves, and pause takes effect, every MiB (huggingface_hub's default is 10 MB)
 DISK_HEADROOM = 64 << 20  # leave some room for everything else on the disk
 
 
@@ -176,18 +178,25 @@ class DownloadManager:
             how = self._stop.get(job.id, "cancel")
             if how == "cancel":
                 partial.unlink(missing_ok=True)
-            self._update(job, state="cancelled" if how == "cancel" else "paused", rate_bps=0.0, eta_s=None)
+            kept = partial.stat().st_size if partial.exists() else 0  # the chunk in hand when stopped is not written
+            self._update(job, state="cancelled" if how == "cancel" else "paused", rate_bps=0.0, eta_s=None,
+                         done_bytes=kept)
         except HubError as exc:
             self._update(job, state="failed", error=str(exc), rate_bps=0.0, eta_s=None)
-        except Exception as exc:  # network trouble mid-way: the partial file stays, to resume from
+        except Exception as exc:  # the partial file stays, to resume from
             log.warning("download of %s failed: %s", job.file, exc)
-            message = explain_hub_error(exc, f"download of {job.file} stopped")
-            self._update(job, state="failed", error=f"{message}; start it again to resume", rate_bps=0.0, eta_s=None)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                message = f"the disk filled up while downloading {job.file}; free some space, then resume"
+            elif isinstance(exc, OSError) and exc.errno is not None:
+                message = f"cannot write {partial}: {exc.strerror or exc}; fix that, then resume"
+            else:  # network trouble mid-way
+                message = f"{explain_hub_error(exc, f'download of {job.file} stopped')}; start it again to resume"
+            self._update(job, state="failed", error=message, rate_bps=0.0, eta_s=None)
         finally:
             self._update(job, finished=time.time())
 
     def _download(self, job: Download, partial: Path, final: Path, revision: str | None) -> None:
-        from huggingface_hub import hf_hub_url
+        from huggingface_hub import constants, hf_hub_url
         from huggingface_hub.file_download import http_get
         from huggingface_hub.utils import build_hf_headers
 
@@ -228,6 +237,7 @@ class DownloadManager:
                 if job.id in manager._stop:
                     raise DownloadStopped()
 
+        constants.DOWNLOAD_CHUNK_SIZE = CHUNK_BYTES  # read by http_get at each call
         self._update(job, state="downloading", done_bytes=have, resumed_from=have)
         meter.add(have)
         with open(partial, "ab") as out:

@@ -18,7 +18,9 @@ import psutil
 from pydantic import ValidationError
 
 from common import addresses
+from common.binaries import BinariesError, find_binaries
 from common.bus import request
+from common.default_model import default_model_path
 from common.gguf_info import ModelError, inspect_gguf
 from common.messages import TokenRequest
 from common.settings import Settings, load_settings
@@ -116,8 +118,11 @@ class NodeControl:
                 model = check_model_path(model, self.home / "cache")
             settings = settings_for(self.home, base, model=model, client=client)
             if self.running():
+                self.busy = "stopping the old node"
                 self._stop()
+            self.busy = self.first_start_work(settings) or "starting"
             settings = preflight(settings)
+            self.busy = "starting"
             addresses.ensure_dirs(settings.home)
             env = service_env(settings)
             out = open(addresses.log_path(settings.home, "node"), "ab")
@@ -132,6 +137,19 @@ class NodeControl:
                     return
                 time.sleep(0.3)
             raise UsageError(f"the node did not come up within {START_TIMEOUT_S} s; see {addresses.logs_dir(self.home)}")
+
+    @staticmethod
+    def first_start_work(settings: Settings) -> str:
+        """What a first start does before any service runs, so the page can say why it takes minutes."""
+        if settings.client:
+            return ""
+        try:
+            find_binaries(settings.bin_dir, build_if_missing=False)
+        except BinariesError:
+            return "building llama.cpp (first start only: several minutes; see the console's output)"
+        if settings.model is None and not default_model_path().exists():
+            return "fetching the default model (first start only, ~250 MB)"
+        return ""
 
     def stop(self) -> None:
         with self._guard("stopping"):

@@ -6,7 +6,7 @@ ranges, so resumes are real. Files can be throttled (to watch progress, pause an
 a repo can be gated behind a token, and a file can claim a size it does not have (a disk-space
 check must refuse it before any byte moves).
 
-    python -m tests.support.hub_standin PORT REPO=FILE.gguf ...
+    python -m tests.support.hub_standin PORT REPO=FILE.gguf ... [--throttle BYTES_PER_S]
 """
 from __future__ import annotations
 
@@ -196,12 +196,18 @@ class HubStandIn:
 
 
 def main() -> None:
-    port = int(sys.argv[1])
+    args = sys.argv[1:]
+    throttle = None
+    if "--throttle" in args:
+        at = args.index("--throttle")
+        throttle = float(args[at + 1])
+        del args[at:at + 2]
+    port = int(args[0])
     repos: dict[str, HubRepo] = {}
-    for spec in sys.argv[2:]:
+    for spec in args[1:]:
         repo_id, _, file = spec.partition("=")
         path = Path(file)
-        repos.setdefault(repo_id, HubRepo(repo_id)).files[path.name] = HubFile(path.name, path)
+        repos.setdefault(repo_id, HubRepo(repo_id)).files[path.name] = HubFile(path.name, path, throttle_bps=throttle)
     standin = HubStandIn(list(repos.values()), port=port)
     print(f"Hub stand-in at {standin.url}", flush=True)
     standin.server.serve_forever()

@@ -140,7 +140,8 @@
     $("node-error").classList.toggle("hidden", !node.error);
     $("start-solo").disabled = $("start-client").disabled = !!node.busy;
     $("stop-node").disabled = !!node.busy || !node.running;
-    $("start-solo").textContent = node.running ? "Restart node" : "Start node";
+    $("start-solo").textContent = node.running ? "Restart with a model" : "Start node";
+    $("start-client").textContent = node.running ? "Restart as lite client" : "Start as lite client";
 
     // plan
     const plan = view.plan;
@@ -252,6 +253,7 @@
     if (!confirm("Leave this mesh? This node will be on its own, in a new mesh.")) return;
     busy(e.target, async () => {
       const r = await api("/api/leave", {});
+      if (r.ok) say("join-msg", "", "");
       say("invite-msg", r.ok ? `Left the mesh; this node is now alone in mesh ${r.data.mesh_id}.` : r.error, r.ok ? "ok" : "error");
     });
   });
@@ -351,7 +353,8 @@
       const eta = d.eta_s === null ? "" : ` · ${Math.ceil(d.eta_s)} s left`;
       const rate = d.rate_bps ? ` · ${bytes(d.rate_bps)}/s` : "";
       card.line.textContent = `${bytes(d.done_bytes)} of ${bytes(d.total_bytes)} (${pct.toFixed(0)}%)${rate}${eta}` +
-        (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "");
+        (d.resumed_from ? ` · resumed at ${bytes(d.resumed_from)}` : "") +
+        (d.state === "done" ? ` · verified: size${d.sha256 ? " and sha256" : ""} match the Hub, GGUF header read` : "");
       card.error.textContent = d.error || "";
       if (card.shownState === d.state) continue;
       card.shownState = d.state;
