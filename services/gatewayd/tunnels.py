@@ -32,16 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from common.frames import FrameDecoder, FrameError, FrameEOF, encode_frame, read_frame
-from common.identity import (
-    AuthError,
-    NodeIdentity,
-    answer_challenge,
-    check_answer,
-    make_challenge,
-    node_id_of_cert,
-    parse_challenge,
-)
+from common.identity import AuthError, NodeIdentity, node_id_of_cert
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
+from common.quic.auth import answer_server, challenge_dialer
 
 log = logging.getLogger("mesh.tunnels")
 
@@ -680,12 +673,8 @@ class TunnelService:
                 server_id = setup.peer_node_id()
                 if server_id != peer.node_id:
                     raise PeerIdentityMismatch(f"peer presented node id {server_id}, expected {peer.node_id}")
-                nonce, claimed = parse_challenge(await setup.read_frame())
-                if claimed != server_id:
-                    raise AuthError(f"server claims node id {claimed} but its certificate is {server_id}")
-                await setup.send(answer_challenge(self.identity, nonce, server_id, TLS_AUTH_CONTEXT),
-                                 {"type": "open", "kind": kind})
-                return await setup.read_frame()
+                return await answer_server(self.identity, TLS_AUTH_CONTEXT, server_id, setup.read_frame, setup.send,
+                                           then=({"type": "open", "kind": kind},))
 
             try:
                 verdict = await asyncio.wait_for(authenticate(), SETUP_TIMEOUT)
@@ -808,10 +797,8 @@ class TunnelService:
     async def _authenticate_tls_dialer(self, setup: _TlsSetup) -> tuple[_Splice, _PeerStats] | None:
         """Challenge the dialer, check the tunnel header, connect the target, send the verdict."""
         await setup.handshake()
-        nonce, challenge = make_challenge(self.identity)
-        await setup.send(challenge)
-        dialer_id, _claims = check_answer(await setup.read_frame(), nonce,
-                                          self.identity.node_id, TLS_AUTH_CONTEXT)
+        dialer_id, _claims, _nonce = await challenge_dialer(self.identity, TLS_AUTH_CONTEXT, setup.read_frame,
+                                                           setup.send, timeout=SETUP_TIMEOUT)
         header = await setup.read_frame()
         reason, target = self._refusal(dialer_id, header)
         if reason is not None:
