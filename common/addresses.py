@@ -68,3 +68,25 @@ def advertised_addresses(bind_host: str, port: int, advertise: list[str] | None 
     import psutil
     found = [a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET]
     return [(h, port) for h in sorted(set(found), key=lambda h: (h.startswith("127."), h))]
+
+
+def parse_host_port(text: str, default_port: int = 3478) -> tuple[str, int]:
+    """'host:port', 'host' or '[v6]:port' -> (host, port); ValueError saying what is wrong."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address; expected HOST:PORT")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{text!r} has no host; expected HOST:PORT")
+    if port_text and not port_text.isdigit():
+        raise ValueError(f"{text!r} has a port that is not a number; expected HOST:PORT")
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r} has port {port}, outside 1-65535")
+    return host, port

@@ -89,6 +89,30 @@ class Plan(Message):
 
 # --- meshd -----------------------------------------------------------------------------------
 
+class StunServerState(Message):
+    server: str
+    mapped: Address | None = None
+    error: str = ""
+
+
+class NatReport(Message):
+    """What STUN said about one of this node's UDP endpoints (see common/nat/stun.py)."""
+    behaviour: str = "unknown"  # "no NAT", "endpoint-independent", "symmetric", "unknown"
+    public: Address | None = None
+    detail: str = ""
+    servers: list[StunServerState] = Field(default_factory=list)
+
+
+class PeerPath(Message):
+    """How this node reaches a peer now (control connection, and the data lane's QUIC connection)."""
+    path: str = ""       # "direct", "punched", "relayed" or "" (none)
+    via: str = ""        # the address in use; for a relayed path, the relay
+    lane: str = ""       # data lane last used: "tls-tcp" or "quic"
+    rtt_ms: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 class Announcement(Message):
     """What a node tells the mesh about itself; gossiped until every node has every other's."""
     kind: Literal["announcement"] = "announcement"
@@ -106,6 +130,8 @@ class Announcement(Message):
     data_quic: list[Address] = Field(default_factory=list)
     host_ready: bool = False  # this node runs a llama-server that answers
     plan_key: str = ""
+    nat: str = ""  # NatReport.behaviour of mesh_addrs' port; "" = no STUN server asked
+    public_addrs: list[Address] = Field(default_factory=list)  # of mesh_addrs, the server-reflexive ones (STUN)
 
 
 class PeerView(Message):
@@ -114,6 +140,7 @@ class PeerView(Message):
     rtt_ms: float | None = None
     last_heard: float = 0.0
     status: str = ""
+    path: PeerPath | None = None
 
 
 class MeshState(Message):
@@ -128,6 +155,7 @@ class MeshState(Message):
     # False while a (re)started meshd is still reconnecting to the members it knew: until then its
     # peer list is short by those, and re-planning on it would restart llama-server for nothing.
     settled: bool = False
+    nat: NatReport | None = None
 
 
 # --- gatewayd --------------------------------------------------------------------------------
@@ -139,6 +167,8 @@ class TunnelStats(Message):
     bytes_out: int = 0
     streams: int = 0
     last_error: str = ""
+    path: str = ""  # of the QUIC lane's connection: "direct" or "relayed" ("" = none open)
+    rtt_ms: float | None = None
 
 
 class GatewayState(Message):
@@ -153,6 +183,7 @@ class GatewayState(Message):
     requests_served: int = 0
     requests_failed: int = 0
     error: str | None = None
+    nat: NatReport | None = None  # of the QUIC data lane's port
 
 
 # --- control requests (DEALER → ROUTER) --------------------------------------------------------

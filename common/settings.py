@@ -71,12 +71,26 @@ class Settings(BaseSettings):
     wait_for_host: float = Field(60.0, ge=0, description="seconds an API request waits for a serving host before 503")
     settle_delay: float = Field(2.0, ge=0, description="seconds membership must be stable before a new plan")
     memory_margin: float = Field(1.1, ge=1.0, description="pooled memory needed = model size x this")
+    stun: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                 description="STUN server HOST:PORT (repeatable): learn this node's "
+                                                             "public address; two tell cone from symmetric NAT")
     log_level: str = Field("INFO")
 
-    @field_validator("join", "advertise", "advertise_data", mode="before")
+    @field_validator("join", "advertise", "advertise_data", "stun", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)
+
+    @field_validator("stun", mode="after")
+    @classmethod
+    def _stun_servers(cls, value: list[str]) -> list[str]:
+        from common.addresses import parse_host_port
+        for entry in value:
+            try:
+                parse_host_port(entry)
+            except ValueError as exc:
+                raise ValueError(f"STUN server {exc}") from None
+        return value
 
     @field_validator("tensor_split", mode="before")
     @classmethod

@@ -18,6 +18,7 @@ from common.bus import ServiceBus
 from common.identity import NodeIdentity
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
+from common.nat.reach import nat_report
 from common.settings import Settings, load_settings
 from services.gatewayd.api import Upstream, build_app
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
@@ -38,7 +39,7 @@ class Gatewayd:
         self.counters = {"served": 0, "failed": 0}
         self.tunnels = TunnelService(self.identity, is_member=self.is_member, local_target=self.local_target,
                                      bind_host=settings.bind_host, tcp_port=settings.data_port,
-                                     quic_port=settings.data_port)
+                                     quic_port=settings.data_port, stun=settings.stun)
         self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
         self.forward_addrs: dict[tuple[str, str], PeerDataAddrs] = {}  # where each forward dials the peer
         self._changed = asyncio.Event()
@@ -74,7 +75,8 @@ class Gatewayd:
         stats = self.tunnels.stats()
         tunnels = [TunnelStats(node_id=node_id, lane=s.get("lane", ""), bytes_in=s.get("bytes_in", 0),
                                bytes_out=s.get("bytes_out", 0), streams=s.get("open_streams", 0),
-                               last_error=s.get("last_error") or "") for node_id, s in stats.items()]
+                               last_error=s.get("last_error") or "", path=s.get("path", ""),
+                               rtt_ms=s.get("rtt_ms")) for node_id, s in stats.items()]
         return self.state.model_copy(update={
             "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"]})
 
@@ -91,6 +93,13 @@ class Gatewayd:
             return None
         return max(hosts, key=lambda p: (p.announcement.model_fingerprint == mine, p.announcement.memory_bytes,
                                          p.announcement.node_id))
+
+    async def punch_forever(self) -> None:
+        """Keep the QUIC lane's NAT mappings toward members open (see TunnelService.punch)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.tunnels.punch([PeerDataAddrs(node_id=p.announcement.node_id, quic=list(p.announcement.data_quic))
+                                for p in self.mesh.peers if p.connected and p.announcement.data_quic])
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
         ann = peer.announcement
@@ -206,6 +215,8 @@ class Gatewayd:
             "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, self.settings.advertise_data)],
             "data_quic": [a for h, p in quic for a in advertised_addresses(h, p, None)]})
         log.info("data tunnels: tcp %s, quic %s", self.state.data_tcp, self.state.data_quic)
+        if self.tunnels.reach is not None and self.settings.stun:
+            self.state = self.state.model_copy(update={"nat": nat_report(self.tunnels.reach.nat)})
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -216,6 +227,7 @@ class Gatewayd:
                 {MeshState: self.on_mesh, Plan: self.on_plan, RunnerState: self.on_runner})),
             asyncio.ensure_future(self.bus.serve_control_forever({StatusRequest: self.on_status})),
             asyncio.ensure_future(self.reconcile_forever()),
+            asyncio.ensure_future(self.punch_forever()),
         ]
         server = None
         sock = None if self.state.error else self.api_socket()
