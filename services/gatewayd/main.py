@@ -181,6 +181,7 @@ class Gatewayd:
                   f'mesh_requests_total{{result="served"}} {self.counters["served"]}',
                   f'mesh_requests_total{{result="failed"}} {self.counters["failed"]}',
                   "# TYPE mesh_peers gauge", f"mesh_peers {sum(p.connected for p in self.mesh.peers)}"]
+        lines += mesh_path_metrics(self.mesh)
         return "\n".join(lines) + "\n"
 
     def on_status(self, _: StatusRequest) -> Reply:
@@ -247,6 +248,21 @@ class Gatewayd:
             task.cancel()
         await self.tunnels.close()
         self.bus.close()
+
+
+def mesh_path_metrics(mesh: MeshState) -> list[str]:
+    """Per peer: the path of the mesh connection (direct/punched/relayed), its RTT and bytes."""
+    lines = ["# TYPE mesh_peer_path gauge", "# TYPE mesh_peer_rtt_seconds gauge", "# TYPE mesh_peer_bytes_total counter"]
+    for p in mesh.peers:
+        if p.path is None:
+            continue
+        peer = p.announcement.node_id
+        lines.append(f'mesh_peer_path{{peer="{peer}",path="{p.path.path}"}} 1')
+        if p.path.rtt_ms is not None:
+            lines.append(f'mesh_peer_rtt_seconds{{peer="{peer}"}} {p.path.rtt_ms / 1000:.6f}')
+        lines.append(f'mesh_peer_bytes_total{{peer="{peer}",direction="out"}} {p.path.bytes_sent}')
+        lines.append(f'mesh_peer_bytes_total{{peer="{peer}",direction="in"}} {p.path.bytes_received}')
+    return lines
 
 
 def main() -> None:

@@ -3,6 +3,9 @@ servers on a "public" segment, home sites behind nftables masquerade routers tha
 inbound traffic. Nodes are real `meshctl up` processes inside the namespaces."""
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -40,6 +43,15 @@ def peer(node: Node, other: Node) -> dict | None:
     return None
 
 
+def http_get(node: Node, path: str) -> str:
+    """GET on the node's API, from inside its namespace (the API listens on that loopback)."""
+    code = "import httpx,sys; r=httpx.get(sys.argv[1], timeout=10); r.raise_for_status(); print(r.text)"
+    out = subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, "-c", code, f"{node.api}{path}"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
 def path_of(node: Node, other: Node) -> str | None:
     p = peer(node, other)
     return (p.get("path") or {}).get("path") if p and p["connected"] else None
@@ -67,6 +79,10 @@ def test_two_homes_behind_cone_nats_get_a_punched_path(lab, tmp_path):
         b_to_a = peer(b, a)["path"]
         assert b_to_a["via"].startswith(home_a.public_ip + ":"), b_to_a  # through A's NAT, not a relay
         assert path_of(a, p) == "direct" and path_of(p, a) == "direct"  # the restricted side dialed out
+        metrics = http_get(a, "/metrics")
+        assert f'mesh_peer_path{{peer="{b.node_id()}",path="punched"}} 1' in metrics, metrics
+        api_view = json.loads(http_get(b, "/mesh/status"))["mesh"]["peers"]
+        assert {q["announcement"]["node_id"]: q["path"]["path"] for q in api_view if q["path"]}[a.node_id()] == "punched"
     finally:
         for n in (a, b, p):
             n.stop()
