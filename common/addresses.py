@@ -89,3 +89,25 @@ def llama_key_path(home: Path) -> Path:
 def mesh_api_socket(home: Path) -> Path:
     """gatewayd's API for mesh members (HTTP tunnels end here, never at llama-server itself)."""
     return run_dir(home) / "mesh-api.sock"
+
+
+def parse_host_port(text: str, default_port: int = 3478) -> tuple[str, int]:
+    """'host:port', 'host' or '[v6]:port' -> (host, port); ValueError saying what is wrong."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty address; expected HOST:PORT")
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"{text!r} has no host; expected HOST:PORT")
+    if port_text and not port_text.isdigit():
+        raise ValueError(f"{text!r} has a port that is not a number; expected HOST:PORT")
+    port = int(port_text) if port_text else default_port
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r} has port {port}, outside 1-65535")
+    return host, port

@@ -102,6 +102,30 @@ class Plan(Message):
 
 # --- meshd -----------------------------------------------------------------------------------
 
+class StunServerState(Message):
+    server: str
+    mapped: Address | None = None
+    error: str = ""
+
+
+class NatReport(Message):
+    """What STUN said about one of this node's UDP endpoints (see common/nat/stun.py)."""
+    behaviour: str = "unknown"  # "no NAT", "endpoint-independent", "symmetric", "unknown"
+    public: Address | None = None
+    detail: str = ""
+    servers: list[StunServerState] = Field(default_factory=list)
+
+
+class PeerPath(Message):
+    """How this node reaches a peer now (control connection, and the data lane's QUIC connection)."""
+    path: str = ""       # "direct", "punched", "relayed" or "" (none)
+    via: str = ""        # the address in use; for a relayed path, the relay
+    lane: str = ""       # data lane last used: "tls-tcp" or "quic"
+    rtt_ms: float | None = None
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
 class Announcement(Message):
     """What a node tells the mesh about itself; gossiped until every node has every other's."""
     kind: Literal["announcement"] = "announcement"
@@ -121,6 +145,8 @@ class Announcement(Message):
     plan_key: str = ""
     public_key: str = Field("", max_length=512)  # base64 DER; its hash is node_id (services/meshd/gossip.py)
     sig: str = Field("", max_length=512)  # the node's signature over everything else and the mesh id
+    nat: str = ""  # NatReport.behaviour of mesh_addrs' port; "" = no STUN server asked
+    public_addrs: list[Address] = Field(default_factory=list)  # of mesh_addrs, the server-reflexive ones (STUN)
 
 
 class PeerView(Message):
@@ -129,6 +155,7 @@ class PeerView(Message):
     rtt_ms: float | None = None
     last_heard: float = 0.0
     status: str = ""
+    path: PeerPath | None = None
 
 
 class MeshState(Message):
@@ -143,6 +170,7 @@ class MeshState(Message):
     # False while a (re)started meshd is still reconnecting to the members it knew: until then its
     # peer list is short by those, and re-planning on it would restart llama-server for nothing.
     settled: bool = False
+    nat: NatReport | None = None
 
 
 # --- gatewayd --------------------------------------------------------------------------------
@@ -154,6 +182,8 @@ class TunnelStats(Message):
     bytes_out: int = 0
     streams: int = 0
     last_error: str = ""
+    path: str = ""  # of the QUIC lane's connection: "direct" or "relayed" ("" = none open)
+    rtt_ms: float | None = None
 
 
 class GatewayState(Message):
@@ -168,6 +198,7 @@ class GatewayState(Message):
     requests_served: int = 0
     requests_failed: int = 0
     error: str | None = None
+    nat: NatReport | None = None  # of the QUIC data lane's port
 
 
 # --- control requests (DEALER → ROUTER) --------------------------------------------------------

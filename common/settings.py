@@ -126,6 +126,10 @@ class Settings(BaseSettings):
     rotation_grace: float = Field(86400.0, ge=0, description="seconds the previous mesh secret still admits known "
                                   "members after `meshctl token --rotate` (members offline during it)",
                                   json_schema_extra=cli(metavar="SECONDS"))
+    stun: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                 description="STUN server HOST:PORT (repeatable): learn this node's "
+                                                             "public address; two tell cone from symmetric NAT",
+                                                 json_schema_extra=cli(metavar="HOST:PORT", default="none"))
     log_level: str = Field("INFO", description="log level of the services (DEBUG, INFO, WARNING, ERROR)",
                            json_schema_extra=cli(metavar="LEVEL"))
     # Build and model-store settings: read by llama.cpp/build.py and common/default_model.py from the
@@ -147,10 +151,21 @@ class Settings(BaseSettings):
     test_faults: bool = Field(False, description="for tests only: a file MESH_HOME/run/fault-SERVICE-TASK makes "
                               "that task of that service fail once (common/tasks.py)")
 
-    @field_validator("join", "advertise", "advertise_data", mode="before")
+    @field_validator("join", "advertise", "advertise_data", "stun", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)
+
+    @field_validator("stun", mode="after")
+    @classmethod
+    def _stun_servers(cls, value: list[str]) -> list[str]:
+        from common.addresses import parse_host_port
+        for entry in value:
+            try:
+                parse_host_port(entry)
+            except ValueError as exc:
+                raise ValueError(f"STUN server {exc}") from None
+        return value
 
     @field_validator("tensor_split", mode="before")
     @classmethod

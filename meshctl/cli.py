@@ -223,6 +223,9 @@ def render_status(status: dict) -> str:
     if "upstream" in gateway:
         lines.append(f"API: {gateway.get('api_url')} → {gateway.get('upstream') or 'no host yet'}"
                      f"  (served {gateway.get('requests_served', 0)}, failed {gateway.get('requests_failed', 0)})")
+    nat = mesh.get("nat") or {}
+    if nat.get("servers"):
+        lines.append(f"NAT: {nat.get('detail')}")
     excluded = {e["node_id"]: e["reason"] for e in plan.get("excluded", [])}
     members = {m["node_id"] for m in plan.get("members", [])}
     tunnels = {t["node_id"]: t for t in gateway.get("tunnels", [])}
@@ -237,6 +240,9 @@ def render_status(status: dict) -> str:
             rtt = f"{p['rtt_ms']:.1f} ms" if p.get("rtt_ms") is not None else "-"
             t = tunnels.get(a["node_id"])
             tunnel = f"{t['lane']} {t['bytes_in'] + t['bytes_out']:,}B" if t else "-"
+            path = p.get("path") or {}
+            if path.get("path"):
+                tunnel = f"{path['path']} {tunnel}" if tunnel != "-" else path["path"]
             role = "host" if a["node_id"] == plan.get("host") else a["role"]
             why = excluded.get(a["node_id"]) or ("in split" if a["node_id"] in members else "")
             lines.append(f"{a['node_id'][:8]:<10} {role:<7} {gb(a['memory_bytes']):>9} {match:<10} {rtt:>8} {tunnel:<22} "

@@ -28,6 +28,7 @@ from common.identity import NodeIdentity
 from common.local_keys import read_llama_key
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
+from common.nat.reach import nat_report
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.gatewayd.api import Upstream, build_app
@@ -78,7 +79,7 @@ class Gatewayd:
         self.tunnels = TunnelService(self.identity, is_member=self.is_member, local_target=self.local_target,
                                      allow=self.allow_tunnel,
                                      bind_host=settings.bind_host, tcp_port=settings.data_port,
-                                     quic_port=settings.data_port)
+                                     quic_port=settings.data_port, stun=settings.stun)
         self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
         self.forward_addrs: dict[tuple[str, str], PeerDataAddrs] = {}  # where each forward dials the peer
         self._changed = asyncio.Event()
@@ -130,7 +131,8 @@ class Gatewayd:
         stats = self.tunnels.stats()
         tunnels = [TunnelStats(node_id=node_id, lane=s.get("lane", ""), bytes_in=s.get("bytes_in", 0),
                                bytes_out=s.get("bytes_out", 0), streams=s.get("open_streams", 0),
-                               last_error=s.get("last_error") or "") for node_id, s in stats.items()]
+                               last_error=s.get("last_error") or "", path=s.get("path", ""),
+                               rtt_ms=s.get("rtt_ms")) for node_id, s in stats.items()]
         return self.state.model_copy(update={
             "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"]})
 
@@ -147,6 +149,13 @@ class Gatewayd:
             return None
         return max(hosts, key=lambda p: (p.announcement.model_fingerprint == mine, p.announcement.memory_bytes,
                                          p.announcement.node_id))
+
+    async def punch_forever(self) -> None:
+        """Keep the QUIC lane's NAT mappings toward members open (see TunnelService.punch)."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.tunnels.punch([PeerDataAddrs(node_id=p.announcement.node_id, quic=list(p.announcement.data_quic))
+                                for p in self.mesh.peers if p.connected and p.announcement.data_quic])
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
         ann = peer.announcement
@@ -226,7 +235,8 @@ class Gatewayd:
         """Prometheus text exposition of this node's counters, read from the current state at scrape time."""
         registry = CollectorRegistry(auto_describe=False)
         registry.register(StateCollector(lambda: metric_families(
-            self.current_state().tunnels, self.counters, sum(p.connected for p in self.mesh.peers))))
+            self.current_state().tunnels, self.counters, sum(p.connected for p in self.mesh.peers))
+            + path_metric_families(self.mesh)))
         return generate_latest(registry).decode()
 
     def on_status(self, _: StatusRequest) -> Reply:
@@ -271,6 +281,8 @@ class Gatewayd:
             "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, self.settings.advertise_data)],
             "data_quic": [a for h, p in quic for a in advertised_addresses(h, p, None)]})
         log.info("data tunnels: tcp %s, quic %s", self.state.data_tcp, self.state.data_quic)
+        if self.tunnels.reach is not None and self.settings.stun:
+            self.state = self.state.model_copy(update={"nat": nat_report(self.tunnels.reach.nat)})
         loop = asyncio.get_running_loop()
         stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -281,6 +293,7 @@ class Gatewayd:
             {MeshState: self.on_mesh, Plan: self.on_plan, RunnerState: self.on_runner}))
         tasks.spawn("control", self.bus.serve_control_forever({StatusRequest: self.on_status}))
         tasks.spawn("reconcile", self.reconcile_forever())
+        tasks.spawn("punch", self.punch_forever())
         members = uvicorn.Server(uvicorn.Config(
             build_app(self.local_llama, wait_for_host=MEMBERS_WAIT_FOR_LLAMA_S, api_key=None, status=None,
                       metrics=None, counters=self.counters),
@@ -304,6 +317,25 @@ class Gatewayd:
         self.bus.close()
         if failure:
             raise SystemExit(1)
+
+
+def path_metric_families(mesh: MeshState) -> list:
+    """Per peer: the path of the mesh connection (direct/punched/relayed), its RTT and bytes."""
+    path = GaugeMetricFamily("mesh_peer_path", "the path of the mesh connection to a peer (1 = in use)",
+                             labels=["peer", "path"])
+    rtt = GaugeMetricFamily("mesh_peer_rtt_seconds", "round trip of the mesh connection to a peer", labels=["peer"])
+    sent = CounterMetricFamily("mesh_peer_bytes", "bytes of the mesh connection to a peer, per direction",
+                               labels=["peer", "direction"])
+    for p in mesh.peers:
+        if p.path is None:
+            continue
+        peer = p.announcement.node_id
+        path.add_metric([peer, p.path.path], 1)
+        if p.path.rtt_ms is not None:
+            rtt.add_metric([peer], p.path.rtt_ms / 1000)
+        sent.add_metric([peer, "out"], p.path.bytes_sent)
+        sent.add_metric([peer, "in"], p.path.bytes_received)
+    return [path, rtt, sent]
 
 
 def main() -> None:

@@ -33,16 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from common.frames import FrameDecoder, FrameError, FrameEOF, encode_frame, read_frame
-from common.identity import (
-    AuthError,
-    NodeIdentity,
-    answer_challenge,
-    check_answer,
-    make_challenge,
-    node_id_of_cert,
-    parse_challenge,
-)
+from common.identity import AuthError, NodeIdentity, node_id_of_cert
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
+from common.nat.candidates import gather
+from common.nat.reach import EndpointReach, race_dial
+from common.quic.auth import answer_server, challenge_dialer
 
 log = logging.getLogger("mesh.tunnels")
 
@@ -478,7 +473,8 @@ class TunnelService:
     def __init__(self, identity: NodeIdentity, *, is_member: Callable[[str], bool],
                  local_target: Callable[[str], Target | None],
                  allow: Callable[[str, str], str | None | Awaitable[str | None]] | None = None,
-                 bind_host: str = "0.0.0.0", tcp_port: int = 0, quic_port: int = 0, prefer: str = "auto"):
+                 bind_host: str = "0.0.0.0", tcp_port: int = 0, quic_port: int = 0, prefer: str = "auto",
+                 stun: list[str] | None = None):
         if prefer not in ("auto", "tcp", "quic"):
             raise ValueError(f"prefer must be auto, tcp or quic, not {prefer!r}")
         self.identity = identity
@@ -488,6 +484,8 @@ class TunnelService:
         self.bind_host = bind_host
         self.tcp_port = tcp_port
         self.quic_port = quic_port
+        self.stun = list(stun or [])
+        self.reach: EndpointReach | None = None
         self.prefer = prefer
         self._stats: dict[str, _PeerStats] = {}
         self._lane: dict[str, str] = {}
@@ -535,10 +533,23 @@ class TunnelService:
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
                                   authorize=self._authorize_quic, on_connection=self._on_quic_connection)
         await self._quic.start()
+        self.reach = EndpointReach(self._quic)  # STUN + hole punching on the QUIC lane's socket
+        await self.reach.discover(self.stun)
         tcp_port = listener.getsockname()[1]
         quic_port = self._quic.local_address[1]
         hosts = _announce_hosts(self.bind_host)
-        return [(h, tcp_port) for h in hosts], [(h, quic_port) for h in hosts]
+        quic = gather([(h, quic_port) for h in hosts], self.reach.nat.public, self.reach.nat.behaviour)
+        return [(h, tcp_port) for h in hosts], quic
+
+    def punch(self, peers: list[PeerDataAddrs]) -> None:
+        """Connectivity checks toward the QUIC candidates of peers we hold no QUIC connection to:
+        our NAT opens toward them while theirs opens toward us (they do the same)."""
+        if self.reach is None:
+            return
+        targets = sorted({(h, int(p)) for peer in peers for h, p in peer.quic
+                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed})
+        if targets:
+            self._spawn(self.reach.check_all(targets))
 
     async def close(self) -> None:
         self._closing = True
@@ -561,6 +572,7 @@ class TunnelService:
             connection = self._quic_connections.get(node_id)
             rtt = connection.rtt() if connection is not None and not connection.is_closed else None
             out[node_id] = {"node_id": node_id, "lane": s.lane, "bytes_in": s.bytes_in,
+                            "path": "" if connection is None or connection.is_closed else connection.path_kind,
                             "bytes_out": s.bytes_out, "streams": s.streams, "open_streams": s.streams,
                             "last_error": s.last_error,
                             "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}
@@ -691,12 +703,8 @@ class TunnelService:
                 server_id = setup.peer_node_id()
                 if server_id != peer.node_id:
                     raise PeerIdentityMismatch(f"peer presented node id {server_id}, expected {peer.node_id}")
-                nonce, claimed = parse_challenge(await setup.read_frame())
-                if claimed != server_id:
-                    raise AuthError(f"server claims node id {claimed} but its certificate is {server_id}")
-                await setup.send(answer_challenge(self.identity, nonce, server_id, TLS_AUTH_CONTEXT),
-                                 {"type": "open", "kind": kind})
-                return await setup.read_frame()
+                return await answer_server(self.identity, TLS_AUTH_CONTEXT, server_id, setup.read_frame, setup.send,
+                                           then=({"type": "open", "kind": kind},))
 
             try:
                 verdict = await asyncio.wait_for(authenticate(), SETUP_TIMEOUT)
@@ -727,23 +735,15 @@ class TunnelService:
             connection = self._quic_connections.get(peer.node_id)
             if connection is not None and not connection.is_closed:
                 return connection
-            assert self._quic is not None
-            errors = []
-            for addr in peer.quic:
-                try:
-                    connection = await self._quic.dial(tuple(addr), expected_node_id=peer.node_id,
-                                                       timeout=SETUP_TIMEOUT)
-                except PeerIdentityMismatch as exc:
-                    errors.append(f"{addr[0]}:{addr[1]}: {exc.reason}")
-                    continue
-                except (OSError, asyncio.TimeoutError) as exc:
-                    errors.append(f"{addr[0]}:{addr[1]}: {exc or type(exc).__name__}")
-                    continue
-                self._adopt_quic_connection(connection)
-                return connection
-            if errors and all("presented node id" in e for e in errors):
-                raise PeerIdentityMismatch("; ".join(errors))
-            raise ConnectionError("QUIC: " + ("; ".join(errors) or "no address"))
+            assert self._quic is not None and self.reach is not None
+            await self.reach.check_all([tuple(a) for a in peer.quic], timeout=0.5)  # punch, and learn what answers
+            try:
+                connection = await race_dial(self._quic, self.reach, peer.node_id, list(peer.quic),
+                                             timeout=SETUP_TIMEOUT)
+            except ConnectionError as exc:
+                raise ConnectionError(f"QUIC: {exc}") from None
+            self._adopt_quic_connection(connection)
+            return connection
 
     def _adopt_quic_connection(self, connection: QuicPeerConnection) -> None:
         connection.on_stream = lambda reader, writer: self._serve_quic_stream(connection, reader, writer)
@@ -854,9 +854,9 @@ class TunnelService:
         """Challenge the dialer, check the tunnel header, connect the target, send the verdict."""
         async def prove() -> tuple[str, dict]:
             await setup.handshake()
-            nonce, challenge = make_challenge(self.identity)
-            await setup.send(challenge)
-            return check_answer(await setup.read_frame(), nonce, self.identity.node_id, TLS_AUTH_CONTEXT)
+            dialer_id, claims, _nonce = await challenge_dialer(self.identity, TLS_AUTH_CONTEXT, setup.read_frame,
+                                                               setup.send, timeout=STRANGER_TIMEOUT)
+            return dialer_id, claims
         dialer_id, _claims = await asyncio.wait_for(prove(), STRANGER_TIMEOUT)
         self._unauthenticated.pop(setup.sock, None)  # a known key from here on: no longer a stranger's slot
         header = await setup.read_frame()

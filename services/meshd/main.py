@@ -25,13 +25,15 @@ from common.identity import AuthError, NodeIdentity
 from common.logs import setup_logging
 from common.messages import (Announcement, GatewayState, JoinRequest, LeaveRequest, MeshState, PeerView, Plan, Reply,
                              RunnerState, StatusRequest, TokenRequest)
-from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
+from common.nat.reach import EndpointReach, nat_report, race_dial
+from common.quic import QuicEndpoint, QuicPeerConnection
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
 from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
                                    rotation_verdict, sign_announcement, sign_rotation)
+from services.meshd.reach import announcement_fields, my_candidates, peer_path, punch_forever, stun_errors
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -76,6 +78,7 @@ class Meshd:
         self.secret = self.load_secret()
         self.endpoint = QuicEndpoint(self.identity, alpn=ALPN, host=settings.bind_host, port=settings.bind_port,
                                      authorize=self.authorize, on_connection=self.on_inbound)
+        self.reach = EndpointReach(self.endpoint)  # STUN and hole punching on the same socket
         self.links: dict[str, list[Link]] = {}
         self.view: dict[str, Announcement] = {}
         self.gossip_memory = GossipMemory()
@@ -142,25 +145,11 @@ class Meshd:
         conn.on_stream = lambda reader, writer: self.run_link(conn, reader, writer)
 
     async def dial(self, node_id: str | None, addrs: list, secret: MeshSecret) -> QuicPeerConnection:
-        """Try each address in turn; the first that authenticates wins."""
-        last_error: Exception | None = None
-        for addr in addrs:
-            try:
-                conn = await self.endpoint.dial(tuple(addr), expected_node_id=node_id, claims_for=self.claims_for(secret),
-                                                timeout=5.0)
-            except PeerIdentityMismatch as exc:
-                last_error = exc  # another node answers at this address; the peer may be at the next one
-                continue
-            except AuthError:
-                raise  # the peer answered and refused: other addresses reach the same peer
-            except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
-                last_error = exc
-                continue
-            reader, writer = await conn.open_stream()
-            asyncio.ensure_future(self.run_link(conn, reader, writer))
-            return conn
-        raise ConnectionError(f"no address answered ({', '.join(f'{h}:{p}' for h, p in addrs)}): "
-                              f"{type(last_error).__name__ if last_error else 'no addresses'}")
+        """Dial every candidate address (staggered, checked ones first); the first that authenticates wins."""
+        conn = await race_dial(self.endpoint, self.reach, node_id, addrs, self.claims_for(secret))
+        reader, writer = await conn.open_stream()
+        asyncio.ensure_future(self.run_link(conn, reader, writer))
+        return conn
 
     async def run_link(self, conn: QuicPeerConnection, reader, writer) -> None:
         """One control stream: gossip both ways until it goes quiet or the peer leaves."""
@@ -232,6 +221,7 @@ class Meshd:
             rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
+        fields.update(announcement_fields(self.reach.nat))
         mesh_id = self.secret.mesh_id
         if self._my_announcement is None or self._signed_for != mesh_id or \
                 self._my_announcement.model_dump(exclude={"seq", "kind", "sig", "public_key"}) != fields:
@@ -302,6 +292,10 @@ class Meshd:
                     self.dial_failures[node_id] = (1, now + 3.0)
                     continue
                 dialing[node_id] = asyncio.ensure_future(self.redial(node_id, list(addrs), failures))
+
+    def unconnected_addrs(self) -> list[list]:
+        """Candidates of the members we know of and hold no connection to (for hole punching)."""
+        return [a.mesh_addrs for nid, a in self.view.items() if nid not in self.links and nid != self.me_id]
 
     async def redial(self, node_id: str, addrs: list, failures: int) -> None:
         try:
@@ -384,11 +378,12 @@ class Meshd:
             rtt = next((l.conn.rtt() for l in links if l.conn.rtt() is not None), None)
             failures, _ = self.dial_failures.get(node_id, (0, 0.0))
             status = "connected" if links else (f"unreachable ({failures} failed dials)" if failures else "connecting")
+            path = peer_path(links[0].conn, ann, self.reach.nat) if links else None
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
-                                  last_heard=self.last_heard.get(node_id, 0.0), status=status))
+                                  last_heard=self.last_heard.get(node_id, 0.0), status=status, path=path))
         return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
-                         me=self.announcement(), peers=peers, errors=self.errors, settled=self.settled(),
-                         gossip_dropped=dict(self.gossip_memory.dropped))
+                         me=self.announcement(), peers=peers, errors=self.errors + stun_errors(self.reach.nat), settled=self.settled(),
+                         gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat))
 
     def settled(self) -> bool:
         """Every member known from before this start is connected again or was tried once (or time ran out)."""
@@ -414,7 +409,8 @@ class Meshd:
 
     async def serve(self) -> None:
         host, port = await self.endpoint.start()
-        self.listen = advertised_addresses(host, port, self.settings.advertise)
+        await self.reach.discover(self.settings.stun)  # a few seconds at most, even if no server answers
+        self.listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
         log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()
@@ -431,6 +427,7 @@ class Meshd:
         tasks.spawn("gossip", self.gossip_forever())
         tasks.spawn("heartbeat", self.heartbeat_forever())
         tasks.spawn("connect", self.connect_forever())
+        tasks.spawn("punch", punch_forever(self.reach, self.unconnected_addrs))
         for token in self.settings.join:
             asyncio.ensure_future(self.join(token))
         failure = await tasks.run_until(stopping)

@@ -1,0 +1,58 @@
+"""Candidate addresses and path choice — pure functions.
+
+A node's candidates for one UDP endpoint: its interface ("host") addresses, the server-reflexive
+address STUN reported ("srflx": its NAT's public mapping), and later relayed ones. A dialer tries
+them in the order `dial_order` gives; `path_kind` names the path a live connection took.
+"""
+from __future__ import annotations
+
+import ipaddress
+
+Address = tuple[str, int]
+
+PATH_DIRECT = "direct"
+PATH_PUNCHED = "punched"
+PATH_RELAYED = "relayed"
+
+
+def gather(host_addrs: list[Address], public: Address | None, behaviour: str) -> list[Address]:
+    """Our candidates, most direct first: host addresses, then the public mapping (not for a
+    symmetric NAT: its mapping toward a STUN server is not the one a peer would meet)."""
+    out = [(h, int(p)) for h, p in host_addrs]
+    if public is not None and behaviour != "symmetric" and tuple(public) not in out:
+        out.append((public[0], int(public[1])))
+    return out
+
+
+def dial_order(candidates: list[Address], answered: dict[Address, float]) -> list[Address]:
+    """Candidates in the order to try: those whose connectivity check answered (fastest first),
+    then the rest as given, loopback last unless it answered."""
+    def rank(index_addr: tuple[int, Address]) -> tuple:
+        index, addr = index_addr
+        rtt = answered.get((addr[0], int(addr[1])))
+        return (0, rtt, index) if rtt is not None else (1, _is_loopback(addr[0]), index)
+    return [addr for _, addr in sorted(enumerate(candidates), key=rank)]
+
+
+def path_kind(remote: Address, peer_host_addrs: list[Address], peer_behind_nat: bool, me_behind_nat: bool,
+              relayed: bool) -> str:
+    """direct / punched / relayed for a live connection whose far end we see at `remote`.
+    Punched: packets cross a NAT on both sides (a mapping the peer's NAT made, and ours), which
+    only works because both sides opened their NAT toward each other."""
+    if relayed:
+        return PATH_RELAYED
+    remote_host = remote[0][7:] if remote[0].startswith("::ffff:") else remote[0]
+    translated = peer_behind_nat and all(remote_host != h for h, _ in peer_host_addrs)
+    return PATH_PUNCHED if translated and me_behind_nat else PATH_DIRECT
+
+
+def behind_nat(behaviour: str) -> bool:
+    """From a NatReport.behaviour: STUN saw a public mapping that is not our own address."""
+    return behaviour not in ("", "unknown", "no NAT")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

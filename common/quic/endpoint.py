@@ -1,0 +1,341 @@
+"""The UDP endpoint: one socket per node that both accepts and dials authenticated QUIC
+connections, and the demultiplexer in front of it.
+
+aioquic's `connect()` opens a socket of its own, so datagrams are routed here by destination
+connection id to per-connection drivers, as aioquic's `QuicServer` does, for server *and* client
+connections. What the socket reads is told apart by source and first byte (RFC 7983 / RFC 9443):
+from a relay server's address -> that relay (which may hand back a peer's datagram, relayed);
+first byte 0-3 -> STUN (binding requests and answers: address discovery, connectivity checks);
+anything else -> QUIC. A connection sends through its own `DatagramPath`.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import logging
+import socket
+import ssl
+from typing import Any, Awaitable, Callable, Protocol
+
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+
+from common.identity import NodeIdentity
+from common.quic.auth import Authorize
+from common.quic.connection import QuicPeerConnection
+from common.quic.flow import WindowedQuicConnection, disable_pacing
+from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH, CONNECTION_RECEIVE_WINDOW,
+                                LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED, RECEIVE_BATCH, SMALLEST_DATAGRAM,
+                                STREAM_RECEIVE_WINDOW, datagram_size_for)
+from common.quic.paths import (DatagramPath, UdpSocketPath, enable_icmp_errors, icmp_error_text, open_udp_socket,
+                               read_icmp_errors)
+
+log = logging.getLogger("mesh.quic")
+
+_SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
+
+
+class RelayReceiver(Protocol):
+    def unwrap(self, data: bytes) -> list[tuple[bytes, tuple, DatagramPath]]:
+        """Handle a datagram from the relay server; return the peers' datagrams it carried,
+        each with the peer's address and the path to answer through."""
+
+
+class QuicEndpoint:
+    """A UDP socket that accepts and dials authenticated QUIC connections (module docstring)."""
+
+    def __init__(self, identity: NodeIdentity, *, alpn: str, host: str = "0.0.0.0", port: int = 0,
+                 authorize: Authorize = lambda node_id, claims, nonce: None,
+                 on_connection: Callable[[QuicPeerConnection], Awaitable[None] | None] | None = None,
+                 idle_timeout: float = 10.0, max_datagram_size: int | None = None,
+                 auth_timeout: float = 10.0):
+        self.identity = identity
+        self.alpn = alpn
+        self.host = host
+        self.port = port
+        self.authorize = authorize
+        self.on_connection = on_connection
+        self.idle_timeout = idle_timeout
+        self.auth_timeout = min(auth_timeout, idle_timeout) if idle_timeout else auth_timeout
+        self.max_datagram_size = max_datagram_size
+        self._keepalive_interval = max(idle_timeout / 4.0, 0.2)
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._sock: socket.socket | None = None
+        self._by_cid: dict[bytes, QuicPeerConnection] = {}
+        self._connections: set[QuicPeerConnection] = set()
+        self.socket_path: UdpSocketPath | None = None
+        # Datagrams that are not QUIC: STUN (first byte 0-3, RFC 7983) and whatever arrives from
+        # a relay server's address (its responses, and peers' datagrams it forwards).
+        self.on_stun: Callable[[bytes, tuple], None] | None = None
+        self.relay_servers: dict[tuple, RelayReceiver] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closing = False
+        self.local_address: tuple[str, int] = (host, port)
+        self._private_key = identity.private_key
+        self._certificate = identity.certificate
+
+    # -- public API --------------------------------------------------------------------------
+
+    @property
+    def connections(self) -> list[QuicPeerConnection]:
+        """Open, authenticated connections (both directions)."""
+        return [c for c in self._connections if c.authenticated and not c.is_closed]
+
+    async def start(self) -> tuple[str, int]:
+        self._loop = asyncio.get_running_loop()
+        infos = await self._loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM,
+                                             flags=socket.AI_PASSIVE)
+        family, _, _, _, sockaddr = infos[0]
+        sock = open_udp_socket(sockaddr, family)
+        self._sock = sock
+        self._family = family
+        self.socket_path = UdpSocketPath(self._loop, sock)
+        self._icmp_errors = enable_icmp_errors(sock, family)
+        self._loop.add_reader(sock.fileno(), self._on_readable)
+        bound = sock.getsockname()
+        self.local_address = (bound[0], bound[1])
+        return self.local_address
+
+    async def dial(self, address: tuple[str, int], *, expected_node_id: str | None,
+                   claims_for: Callable[[bytes, str], dict] = lambda nonce, server_id: {},
+                   timeout: float = 5.0, path: DatagramPath | None = None) -> QuicPeerConnection:
+        """Dial `address` and authenticate; through `path` (e.g. a TURN allocation) instead of the
+        socket when given."""
+        if self._sock is None or self._closing:
+            raise ConnectionError("QUIC endpoint is not running")
+        host, port = address[0], int(address[1])
+        sockaddr = await self._resolve(host, port)
+        config = self._configuration(is_client=True, host=sockaddr[0])
+        quic = WindowedQuicConnection(configuration=config, stream_window=STREAM_RECEIVE_WINDOW,
+                                      connection_window=CONNECTION_RECEIVE_WINDOW)
+        disable_pacing(quic)
+        connection = QuicPeerConnection(self, quic, sockaddr, dialed=True, path=path or self.socket_path)
+        self._connections.add(connection)
+        self._by_cid[quic.host_cid] = connection
+        quic.connect(sockaddr, now=self._loop.time())
+        connection._transmit()
+        try:
+            await asyncio.wait_for(connection._dial_auth(expected_node_id, claims_for), timeout)
+        except asyncio.TimeoutError:
+            connection._close(CLOSE_NORMAL, "dial timed out")
+            raise asyncio.TimeoutError(
+                f"QUIC dial to {host}:{port} timed out after {timeout:g}s "
+                f"({'handshake' if not connection._handshake_done.done() else 'authentication'})") from None
+        except BaseException:
+            connection._close(CLOSE_NORMAL, "dial failed")
+            raise
+        return connection
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        for connection in list(self._connections):
+            connection._close(CLOSE_NORMAL, "endpoint closing")
+            connection._stop_timers()  # the socket goes away: no closing period to serve
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sock is not None:
+            assert self.socket_path is not None
+            self.socket_path.close()
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        self._by_cid.clear()
+        self._connections.clear()
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _configuration(self, *, is_client: bool, host: str, first_datagram: int | None = None) -> QuicConfiguration:
+        size = min(self.max_datagram_size or datagram_size_for(host), LOOPBACK_DATAGRAM)
+        if first_datagram is not None:
+            # The client's padded Initial proves how large a datagram this path carries.
+            size = min(size, first_datagram)
+        config = QuicConfiguration(
+            is_client=is_client, alpn_protocols=[self.alpn], idle_timeout=self.idle_timeout,
+            max_datagram_size=max(SMALLEST_DATAGRAM, size), connection_id_length=CONNECTION_ID_LENGTH,
+            max_data=CONNECTION_RECEIVE_WINDOW, max_stream_data=STREAM_RECEIVE_WINDOW,
+            congestion_control_algorithm="cubic", initial_rtt=0.01,
+        )
+        if is_client:
+            config.verify_mode = ssl.CERT_NONE  # self-signed: the node id is pinned after the handshake
+        else:
+            config.certificate = self._certificate
+            config.private_key = self._private_key
+        return config
+
+    async def _resolve(self, host: str, port: int) -> tuple:
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            infos = await self._loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise ConnectionError(f"cannot resolve {host}") from None
+            candidates = [info[4] for info in infos if info[0] == self._family] or [infos[0][4]]
+            ip = ipaddress.ip_address(candidates[0][0])
+        if self._family == socket.AF_INET6:
+            if ip.version == 4:
+                return (f"::ffff:{ip}", port, 0, 0)
+            return (str(ip), port, 0, 0)
+        if ip.version == 6:
+            raise ConnectionError(f"cannot reach IPv6 address {ip} from an IPv4 endpoint")
+        return (str(ip), port)
+
+    def _accept(self, header: Any, data: bytes, addr: tuple, path: DatagramPath) -> QuicPeerConnection | None:
+        pending = sum(1 for c in self._connections if not c.authenticated)
+        if pending >= MAX_UNAUTHENTICATED:
+            return None
+        config = self._configuration(is_client=False, host=addr[0], first_datagram=len(data))
+        quic = WindowedQuicConnection(configuration=config,
+                                      original_destination_connection_id=header.destination_cid,
+                                      stream_window=STREAM_RECEIVE_WINDOW,
+                                      connection_window=CONNECTION_RECEIVE_WINDOW)
+        disable_pacing(quic)
+        connection = QuicPeerConnection(self, quic, addr, dialed=False, path=path)
+        connection._auth_deadline = self._loop.call_later(
+            self.auth_timeout, self._expire_unauthenticated, connection)
+        self._connections.add(connection)
+        self._by_cid[header.destination_cid] = connection
+        self._by_cid[quic.host_cid] = connection
+        return connection
+
+    def _expire_unauthenticated(self, connection: QuicPeerConnection) -> None:
+        if not connection.authenticated and not connection.is_closed:
+            connection._close(CLOSE_AUTH_FAILED, "authentication timed out")
+
+    def _connection_authenticated(self, connection: QuicPeerConnection) -> None:
+        if connection._auth_deadline is not None:
+            connection._auth_deadline.cancel()
+            connection._auth_deadline = None
+        if self.on_connection is None:
+            return
+        try:
+            result = self.on_connection(connection)
+        except Exception:
+            log.exception("on_connection failed")
+            return
+        if inspect.isawaitable(result):
+            task = asyncio.ensure_future(result)
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("on_connection failed", exc_info=task.exception())
+
+    def _connection_closed(self, connection: QuicPeerConnection) -> None:
+        if connection._auth_deadline is not None:
+            connection._auth_deadline.cancel()
+            connection._auth_deadline = None
+
+    def _connection_terminated(self, connection: QuicPeerConnection) -> None:
+        self._connections.discard(connection)
+        for cid in [cid for cid, c in self._by_cid.items() if c is connection]:
+            del self._by_cid[cid]
+
+    # -- datagrams -----------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        sock = self._sock
+        if sock is None:
+            return
+        recvfrom = sock.recvfrom
+        by_cid = self._by_cid
+        relays = self.relay_servers
+        socket_path = self.socket_path
+        now = self._loop.time()
+        touched: dict[QuicPeerConnection, None] = {}
+        socket_error = False
+        for _ in range(RECEIVE_BATCH):
+            try:
+                data, addr = recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                socket_error = True  # an ICMP error surfacing (see _drain_icmp_errors)
+                continue
+            if not data:
+                continue
+            if relays and addr in relays:
+                for inner, peer_addr, path in relays[addr].unwrap(data):
+                    self._route_quic(inner, peer_addr, path, now, touched)
+                continue
+            if data[0] < 4:  # STUN (RFC 7983); QUIC always sets the fixed bit 0x40
+                if self.on_stun is not None:
+                    self.on_stun(data, addr)
+                continue
+            if data[0] & 0x80 == 0:  # short header: the destination CID follows the first byte
+                connection = by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])
+            else:
+                connection = self._route_long_header(data, addr, socket_path)
+            if connection is None:
+                continue
+            try:
+                connection._datagram_received(data, addr, now, socket_path)
+            except Exception:
+                log.exception("dropping a datagram aioquic could not handle")
+                continue
+            touched[connection] = None
+        if self._icmp_errors and (socket_error or not touched):
+            self._drain_icmp_errors()
+        for connection in touched:
+            try:
+                connection._after_receive()
+            except Exception:
+                log.exception("QUIC connection failed while processing input")
+                connection._close(CLOSE_PROTOCOL, "internal error")
+
+    def _route_quic(self, data: bytes, addr: tuple, path: DatagramPath, now: float,
+                    touched: dict[QuicPeerConnection, None]) -> None:
+        """A QUIC datagram that came through `path` (a relay), not straight off the socket."""
+        if not data:
+            return
+        if data[0] & 0x80 == 0:
+            connection = self._by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])
+        else:
+            connection = self._route_long_header(data, addr, path)
+        if connection is None:
+            return
+        try:
+            connection._datagram_received(data, addr, now, path)
+        except Exception:
+            log.exception("dropping a datagram aioquic could not handle")
+            return
+        touched[connection] = None
+
+    def _drain_icmp_errors(self) -> None:
+        """Read ICMP errors queued on the socket (IP_RECVERR). A dial whose handshake has not
+        finished fails at once when its destination answers "port unreachable", instead of
+        waiting for its timeout. Established connections ignore ICMP: it is unauthenticated, and
+        their idle timeout already notices a dead peer."""
+        if self._sock is None:
+            return
+        for addr, error in read_icmp_errors(self._sock):
+            for connection in list(self._connections):
+                if (connection.dialed and not connection._handshake_done.done()
+                        and connection.path is self.socket_path
+                        and connection._send_address[:2] == addr[:2]):
+                    connection._abandon(icmp_error_text(error))
+
+    def _route_long_header(self, data: bytes, addr: tuple, path: DatagramPath) -> QuicPeerConnection | None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+        except ValueError:
+            return None
+        connection = self._by_cid.get(header.destination_cid)
+        if connection is not None:
+            return connection
+        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+            return None
+        if header.version is not None and header.version not in _SUPPORTED_VERSIONS:
+            path.send([(encode_quic_version_negotiation(
+                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                supported_versions=_SUPPORTED_VERSIONS), addr)])
+            return None
+        if (header.packet_type == QuicPacketType.INITIAL and len(data) >= SMALLEST_DATAGRAM
+                and not self._closing):
+            return self._accept(header, data, addr, path)
+        return None

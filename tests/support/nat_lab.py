@@ -1,0 +1,147 @@
+"""A small Internet in network namespaces: a "public" segment (203.0.113.0/24, a documentation
+range) on a bridge, STUN/TURN servers (real coturn) on it, and home sites behind nftables
+masquerade routers that drop unsolicited inbound traffic, as home routers do (DESIGN.md, facts of
+2026-12-01). Every namespace name carries a random tag; `close()` removes them all."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.support.procs import kill_process_tree, wait_until
+
+PUBLIC_PREFIX = "203.0.113"
+STUN_IP = f"{PUBLIC_PREFIX}.3"
+
+
+def sh(*args: str, input: str | None = None) -> None:
+    done = subprocess.run(args, capture_output=True, text=True, input=input)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {done.stderr.strip()}")
+
+
+def available() -> str | None:
+    """Why the lab cannot run here, or None."""
+    for tool in ("ip", "nft", "turnserver"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} (apt-get install -y iproute2 nftables coturn)"
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        return "needs root for network namespaces"
+    return None
+
+
+@dataclass
+class Site:
+    ns: str                 # where the node runs
+    address: str            # its own address (private behind a NAT)
+    router: str | None = None
+    public_ip: str | None = None
+
+
+@dataclass
+class NatLab:
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    namespaces: list[str] = field(default_factory=list)
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    _hosts: int = 10
+
+    def __post_init__(self) -> None:
+        self.wan = self._netns("wan")
+        sh("ip", "-n", self.wan, "link", "add", "br0", "type", "bridge")
+        sh("ip", "-n", self.wan, "link", "set", "br0", "up")
+
+    def _netns(self, name: str) -> str:
+        ns = f"nat-{name}-{self.tag}"
+        sh("ip", "netns", "add", ns)
+        self.namespaces.append(ns)
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        return ns
+
+    def _plug(self, ns: str, address: str) -> str:
+        """A veth from `ns` into the public bridge, with `address`/24 on it."""
+        self._hosts += 1
+        inside, outside = f"w{self._hosts}{self.tag}", f"b{self._hosts}{self.tag}"
+        sh("ip", "link", "add", inside, "netns", ns, "type", "veth", "peer", "name", outside, "netns", self.wan)
+        sh("ip", "-n", self.wan, "link", "set", outside, "master", "br0", "up")
+        sh("ip", "-n", ns, "addr", "add", f"{address}/24", "dev", inside)
+        sh("ip", "-n", ns, "link", "set", inside, "up")
+        return inside
+
+    def public_site(self, name: str, last_octet: int, *, drop_inbound: bool = False) -> Site:
+        """A host with a public address; with `drop_inbound`, a host firewall drops unsolicited inbound."""
+        ns = self._netns(name)
+        address = f"{PUBLIC_PREFIX}.{last_octet}"
+        self._plug(ns, address)
+        if drop_inbound:
+            sh("ip", "netns", "exec", ns, "nft", "-f", "-", input="""
+table inet fw {
+  chain input {
+    type filter hook input priority 0; policy drop;
+    iifname "lo" accept
+    ct state established,related accept
+  }
+}""")
+        return Site(ns, address)
+
+    def home_site(self, name: str, index: int, *, symmetric: bool = False) -> Site:
+        """A host at 10.0.<index>.2 behind a router at 203.0.113.<100+index> that masquerades
+        (keeping ports: a cone; `symmetric`: a random port per destination) and drops unsolicited
+        inbound traffic."""
+        router, host = self._netns(f"r{name}"), self._netns(name)
+        public_ip = f"{PUBLIC_PREFIX}.{100 + index}"
+        wan_dev = self._plug(router, public_ip)
+        lan_r, lan_h = f"lr{index}{self.tag}", f"lh{index}{self.tag}"
+        sh("ip", "link", "add", lan_r, "netns", router, "type", "veth", "peer", "name", lan_h, "netns", host)
+        sh("ip", "-n", router, "addr", "add", f"10.0.{index}.1/24", "dev", lan_r)
+        sh("ip", "-n", host, "addr", "add", f"10.0.{index}.2/24", "dev", lan_h)
+        sh("ip", "-n", router, "link", "set", lan_r, "up")
+        sh("ip", "-n", host, "link", "set", lan_h, "up")
+        sh("ip", "-n", host, "route", "add", "default", "via", f"10.0.{index}.1")
+        sh("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        mode = " random" if symmetric else ""
+        sh("ip", "netns", "exec", router, "nft", "-f", "-", input=f"""
+table ip nat {{
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname "{wan_dev}" masquerade{mode}
+  }}
+}}
+table inet fw {{
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    ct state established,related accept
+    iifname "{wan_dev}" drop
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    ct state established,related accept
+    iifname "{wan_dev}" drop
+  }}
+}}""")
+        return Site(host, f"10.0.{index}.2", router, public_ip)
+
+    def start_coturn(self, ns: str, port: int, log_dir: Path, *, user: str | None = None,
+                     listen_ip: str = STUN_IP) -> subprocess.Popen:
+        """Real coturn on `listen_ip:port`; STUN always, TURN with long-term credentials when `user`."""
+        args = ["ip", "netns", "exec", ns, "turnserver", "-n", "--listening-ip", listen_ip, "--relay-ip", listen_ip,
+                "-p", str(port), "--no-tls", "--no-dtls", "--no-cli", "--simple-log",
+                "--log-file", str(log_dir / f"coturn-{port}.log"), "--pidfile", str(log_dir / f"coturn-{port}.pid"),
+                "--min-port", "49152", "--max-port", "49999", "--realm", "mesh.test"]
+        args += ["--lt-cred-mech", "--user", user] if user else ["--stun-only"]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        wait_until(lambda: _udp_listening(ns, listen_ip, port), timeout=20, interval=0.1, what=f"coturn on {port}")
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            kill_process_tree(proc, grace=2)
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _udp_listening(ns: str, ip: str, port: int) -> bool:
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hlun"], capture_output=True, text=True).stdout
+    return f"{ip}:{port}" in out

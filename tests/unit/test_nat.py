@@ -1,0 +1,91 @@
+"""STUN codec, NAT classification, candidate gathering and path choice: pure functions."""
+from __future__ import annotations
+
+import pytest
+from aioice import stun as aioice_stun
+
+from common.addresses import parse_host_port
+from common.nat import stun
+from common.nat.candidates import behind_nat, dial_order, gather, path_kind
+
+LOCAL = {"10.0.0.2"}
+
+
+def test_binding_request_and_response_round_trip() -> None:
+    transaction_id, request = stun.binding_request()
+    parsed = stun.parse(request)
+    assert parsed is not None and parsed.transaction_id == transaction_id
+    answer = stun.binding_response(parsed, ("203.0.113.7", 40001))
+    response = stun.parse(answer)
+    assert response.transaction_id == transaction_id
+    assert stun.mapped_address(response) == ("203.0.113.7", 40001)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00" * 10, b"\x40" + b"\x00" * 40, b"\x01\x01\x00\x08" + b"\x00" * 30,
+                                  bytes(range(256))])
+def test_parse_rejects_what_is_not_stun(data: bytes) -> None:
+    assert stun.parse(data) is None
+
+
+def test_only_binding_requests_are_answered() -> None:
+    message = aioice_stun.Message(message_method=aioice_stun.Method.ALLOCATE,
+                                  message_class=aioice_stun.Class.REQUEST)
+    assert stun.binding_response(message, ("1.2.3.4", 5)) is None
+
+
+def test_two_servers_same_mapping_is_endpoint_independent() -> None:
+    report = stun.classify_mapping(LOCAL, 5000, {"a": ("203.0.113.9", 5000), "b": ("203.0.113.9", 5000)})
+    assert report.behaviour == stun.MAPPING_INDEPENDENT and report.public == ("203.0.113.9", 5000)
+
+
+def test_two_servers_different_ports_is_symmetric() -> None:
+    report = stun.classify_mapping(LOCAL, 5000, {"a": ("203.0.113.9", 40000), "b": ("203.0.113.9", 40001)})
+    assert report.behaviour == stun.MAPPING_SYMMETRIC and "relay" in report.detail
+
+
+def test_own_address_means_no_nat_and_one_server_cannot_tell() -> None:
+    assert stun.classify_mapping(LOCAL, 5000, {"a": ("10.0.0.2", 5000)}).behaviour == stun.MAPPING_NONE
+    one = stun.classify_mapping(LOCAL, 5000, {"a": ("203.0.113.9", 5000)})
+    assert one.behaviour == stun.MAPPING_NAT_UNKNOWN and "second --stun" in one.detail
+
+
+def test_silent_servers_are_named() -> None:
+    report = stun.classify_mapping(LOCAL, 5000, {"a": None, "b": ("203.0.113.9", 5000)})
+    assert "no answer from a" in report.detail
+    assert stun.classify_mapping(LOCAL, 5000, {"a": None}).behaviour == stun.MAPPING_UNKNOWN
+
+
+def test_gather_adds_the_public_mapping_except_for_symmetric_nat() -> None:
+    host = [("10.0.0.2", 5000)]
+    assert gather(host, ("203.0.113.9", 5000), "endpoint-independent") == [("10.0.0.2", 5000), ("203.0.113.9", 5000)]
+    assert gather(host, ("203.0.113.9", 41234), "symmetric") == host
+    assert gather(host, ("10.0.0.2", 5000), "no NAT") == host
+
+
+def test_dial_order_puts_answered_checks_first_and_loopback_last() -> None:
+    candidates = [("127.0.0.1", 1), ("10.0.0.2", 1), ("203.0.113.9", 1)]
+    assert dial_order(candidates, {}) == [("10.0.0.2", 1), ("203.0.113.9", 1), ("127.0.0.1", 1)]
+    assert dial_order(candidates, {("203.0.113.9", 1): 0.02, ("127.0.0.1", 1): 0.03})[:2] == \
+        [("203.0.113.9", 1), ("127.0.0.1", 1)]
+
+
+def test_path_kind() -> None:
+    host = [("10.1.0.2", 5000)]
+    assert path_kind(("10.1.0.2", 5000), host, True, True, False) == "direct"       # same LAN
+    assert path_kind(("203.0.113.20", 5000), host, True, True, False) == "punched"  # both behind NAT
+    assert path_kind(("203.0.113.20", 5000), host, True, False, False) == "direct"  # we are public: it dialed out
+    assert path_kind(("203.0.113.20", 5000), host, True, True, True) == "relayed"
+    assert behind_nat("symmetric") and behind_nat("endpoint-independent") and not behind_nat("no NAT")
+    assert not behind_nat("") and not behind_nat("unknown")
+
+
+@pytest.mark.parametrize("text,expected", [("stun.example:3478", ("stun.example", 3478)), ("h", ("h", 3478)),
+                                           ("[2001:db8::1]:9", ("2001:db8::1", 9))])
+def test_parse_host_port(text, expected) -> None:
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", ":80", "h:x", "h:0", "h:70000"])
+def test_parse_host_port_rejects(text) -> None:
+    with pytest.raises(ValueError):
+        parse_host_port(text)
