@@ -21,7 +21,7 @@ from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
-from common.local_keys import new_llama_key
+from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
 from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, SpeculationState,
                              StatusRequest, WeightLoad)
@@ -185,8 +185,10 @@ class Runnerd:
                 llama, spec = self.llama, self.state.speculation
                 if llama is None or not llama.running() or self.state.llama.state != "ready" or spec.mode == "off":
                     continue
+                key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
                 try:
-                    counts = draft_counts((await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics")).text)
+                    counts = draft_counts((await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics",
+                                                            headers={"Authorization": f"Bearer {key}"} if key else {})).text)
                 except httpx.HTTPError:
                     continue
                 if counts and counts != (spec.drafted_tokens, spec.accepted_tokens):
