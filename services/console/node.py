@@ -76,8 +76,8 @@ def check_model_path(path: str, cache_dir: Path) -> str:
     resolved = Path(path.strip()).expanduser()
     try:
         inspect_gguf(resolved, cache_dir)
-    except ModelError as exc:
-        raise UsageError(str(exc)) from None
+    except ModelError as exc:  # the shared messages speak to the command line
+        raise UsageError(str(exc).replace("pass --model with the path of a .gguf file", "enter the path of a .gguf file")) from None
     return str(resolved.resolve())
 
 
