@@ -121,7 +121,10 @@ class NodeControl:
                 self.busy = "stopping the old node"
                 self._stop()
             self.busy = self.first_start_work(settings) or "starting"
-            settings = preflight(settings)
+            try:
+                settings = preflight(settings)
+            except SystemExit as exc:  # a failed llama.cpp build or model fetch exits with its message
+                raise UsageError(str(exc.code).removeprefix("error: ")) from None
             self.busy = "starting"
             addresses.ensure_dirs(settings.home)
             env = service_env(settings)
