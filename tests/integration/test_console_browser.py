@@ -410,7 +410,7 @@ def test_leave_then_stop_and_start_the_node(world, browser, artifacts):
     assert a.status()["gatewayd"]["api_url"].endswith(f":{a.port}/v1")  # the restart kept A's settings
 
 
-def test_api_key_prompt(world, tmp_path):
+def test_api_key_prompt(tmp_path):
     port = free_port()
     console = subprocess.Popen([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"),
                                 "--port", str(port), "--no-open", "--api-key", "open-sesame"],
@@ -426,11 +426,11 @@ def test_api_key_prompt(world, tmp_path):
         wait_until(lambda: _get(url + "/"), timeout=30, what="the keyed console")
         assert httpx.get(url + "/api/state").status_code == 401
         driver.get(url + "/")
-        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=10, what="the key prompt")
+        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=30, what="the key prompt")
         fill(driver, "key-input", "open-sesame")
         driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
-        wait_until(lambda: text(driver, "#live") == "live", timeout=10, what="the page live with the key")
-        assert "No node is running" in text(driver, "#node-line")
+        wait_until(lambda: text(driver, "#live") == "live", timeout=30, what="the page live with the key")
+        wait_text(driver, "#node-line", "No node is running")  # the first pushed state, read with the key
     finally:
         driver.quit()
         kill_process_tree(console)
