@@ -51,10 +51,17 @@ def download_paths(folder: Path, filename: str) -> tuple[Path, Path]:
     return folder / DOWNLOADS_SUBDIR / f"{name}.partial", folder / name
 
 
+def human_size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def disk_space_problem(needed_bytes: int, free_bytes: int, folder: Path) -> str | None:
     if needed_bytes + DISK_HEADROOM > free_bytes:
-        return (f"not enough disk space in {folder}: the download needs {needed_bytes / 1e9:.2f} GB more, "
-                f"{free_bytes / 1e9:.2f} GB is free; free some space or choose a smaller file")
+        return (f"not enough disk space in {folder}: the download needs {human_size(needed_bytes)} more, "
+                f"{human_size(free_bytes)} is free; free some space or choose a smaller file")
     return None
 
 
