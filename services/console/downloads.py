@@ -28,6 +28,10 @@ CHUNK_BYTES = 1 << 20  # progress moves, and pause takes effect, every MiB (hugg
 DISK_HEADROOM = 64 << 20  # leave some room for everything else on the disk
 
 
+class DiskSpaceError(HubError):
+    """Not enough room: worth trying again once space is freed."""
+
+
 class DownloadStopped(Exception):
     """Raised from the progress callback to stop http_get between chunks."""
 
@@ -47,10 +51,17 @@ def download_paths(folder: Path, filename: str) -> tuple[Path, Path]:
     return folder / DOWNLOADS_SUBDIR / f"{name}.partial", folder / name
 
 
+def human_size(n: int) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def disk_space_problem(needed_bytes: int, free_bytes: int, folder: Path) -> str | None:
     if needed_bytes + DISK_HEADROOM > free_bytes:
-        return (f"not enough disk space in {folder}: the download needs {needed_bytes / 1e9:.2f} GB more, "
-                f"{free_bytes / 1e9:.2f} GB is free; free some space or choose a smaller file")
+        return (f"not enough disk space in {folder}: the download needs {human_size(needed_bytes)} more, "
+                f"{human_size(free_bytes)} is free; free some space or choose a smaller file")
     return None
 
 
@@ -114,6 +125,7 @@ class Download:
     path: str = ""  # the finished model
     rate_bps: float = 0.0
     eta_s: float | None = None
+    next: str = ""  # what the page offers after a stop: "resume" (partial kept), "retry" (from scratch) or nothing
     started: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -158,10 +170,10 @@ class DownloadManager:
             if job is None:
                 raise HubError("no such download")
             if job.state in ("done", "failed", "cancelled", "paused"):
-                if how == "cancel":  # drop a paused or failed download's partial file too
+                if how == "cancel":  # dismiss it, and drop a paused or failed download's partial file
                     partial, _ = download_paths(self.folder, job.file)
                     partial.unlink(missing_ok=True)
-                    job.state = "cancelled"
+                    del self.jobs[job_id]
                 return
             self._stop[job_id] = how
 
@@ -180,8 +192,10 @@ class DownloadManager:
                 partial.unlink(missing_ok=True)
             kept = partial.stat().st_size if partial.exists() else 0  # the chunk in hand when stopped is not written
             self._update(job, state="cancelled" if how == "cancel" else "paused", rate_bps=0.0, eta_s=None,
-                         done_bytes=kept)
-        except HubError as exc:
+                         done_bytes=kept, next="" if how == "cancel" else "resume")
+        except DiskSpaceError as exc:
+            self._update(job, state="failed", error=str(exc), rate_bps=0.0, eta_s=None, next="retry")
+        except HubError as exc:  # the file itself is wrong: trying again gives the same answer
             self._update(job, state="failed", error=str(exc), rate_bps=0.0, eta_s=None)
         except Exception as exc:  # the partial file stays, to resume from
             log.warning("download of %s failed: %s", job.file, exc)
@@ -191,7 +205,8 @@ class DownloadManager:
                 message = f"cannot write {partial}: {exc.strerror or exc}; fix that, then resume"
             else:  # network trouble mid-way
                 message = f"{explain_hub_error(exc, f'download of {job.file} stopped')}; start it again to resume"
-            self._update(job, state="failed", error=message, rate_bps=0.0, eta_s=None)
+            kept = partial.exists() and partial.stat().st_size > 0
+            self._update(job, state="failed", error=message, rate_bps=0.0, eta_s=None, next="resume" if kept else "retry")
         finally:
             self._update(job, finished=time.time())
 
@@ -209,7 +224,7 @@ class DownloadManager:
         free = shutil.disk_usage(self.folder).free
         problem = disk_space_problem((job.total_bytes or 0) - have, free, self.folder)
         if problem:
-            raise HubError(problem)
+            raise DiskSpaceError(problem)
         url = hf_hub_url(job.repo, job.file, revision=revision, endpoint=hub_endpoint())
         headers = build_hf_headers(token=hub_token())
         meter = RateMeter()

@@ -76,8 +76,8 @@ def check_model_path(path: str, cache_dir: Path) -> str:
     resolved = Path(path.strip()).expanduser()
     try:
         inspect_gguf(resolved, cache_dir)
-    except ModelError as exc:
-        raise UsageError(str(exc)) from None
+    except ModelError as exc:  # the shared messages speak to the command line
+        raise UsageError(str(exc).replace("pass --model with the path of a .gguf file", "enter the path of a .gguf file")) from None
     return str(resolved.resolve())
 
 
@@ -121,7 +121,10 @@ class NodeControl:
                 self.busy = "stopping the old node"
                 self._stop()
             self.busy = self.first_start_work(settings) or "starting"
-            settings = preflight(settings)
+            try:
+                settings = preflight(settings)
+            except SystemExit as exc:  # a failed llama.cpp build or model fetch exits with its message
+                raise UsageError(str(exc.code).removeprefix("error: ")) from None
             self.busy = "starting"
             addresses.ensure_dirs(settings.home)
             env = service_env(settings)

@@ -140,6 +140,7 @@ def tab(driver, name: str) -> None:
 
 def shot(driver, artifacts: Path, name: str, full: bool = True) -> Path:
     path = artifacts / f"{name}.png"
+    driver.execute_script("window.scrollTo(0, 0)")
     if full:  # the whole page, not just the window
         height = driver.execute_script("return document.documentElement.scrollHeight")
         width = driver.get_window_size()["width"]
@@ -206,10 +207,16 @@ def test_pasting_a_token_joins_and_shows_the_split(world, browser, artifacts):
     assert ids["a"][:8] in bar and ids["b"][:8] in bar and "(host)" in bar
     assert "67%" in bar and "33%" in bar  # by memory: 8 GB and 4 GB
     wait_text(browser, "#llama-line", "llama-server: ready", timeout=180)
+    wait_until(lambda: world["a"].answers() and world["a"].runner()["llama"]["state"] == "ready" and
+               world["a"].runner()["llama_plan_key"] == world["a"].status()["electd"]["key"], timeout=180, interval=0.3,
+               what="A's llama-server serving the split plan")
+    serving = time.monotonic() - started
+    print(f"token pasted → llama-server serving the split: {serving:.1f} s")
+    wait_text(browser, "#llama-line", "llama-server: ready", timeout=30)
     b_row = text(browser, f'#nodes tr[data-node="{ids["b"]}"]')
     assert "worker" in b_row and "same file" in b_row and " ms" in b_row
     shot(browser, artifacts, "02-mesh-split")
-    (artifacts / "join-to-split-seconds.txt").write_text(f"{seconds:.1f}\n")
+    (artifacts / "join-to-split-seconds.txt").write_text(f"split shown {seconds:.1f} s, serving it {serving:.1f} s\n")
 
 
 def test_token_is_shown_copied_and_rotated(world, browser):
@@ -217,6 +224,8 @@ def test_token_is_shown_copied_and_rotated(world, browser):
     box = browser.find_element(By.ID, "token-box")
     wait_until(lambda: box.get_attribute("value"), timeout=10, what="the token shown")
     assert box.get_attribute("value") == world["a"].token()
+    browser.find_element(By.ID, "copy-token").click()
+    wait_text(browser, "#invite-msg", "Copied")
     old = box.get_attribute("value")
     browser.find_element(By.ID, "rotate-token").click()
     wait_until(lambda: box.get_attribute("value") != old, timeout=10, what="a rotated token")
@@ -306,6 +315,8 @@ def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     wait_text(browser, '.download[data-file="huge-70B-Q8_0.gguf"]', "not enough disk space")
     download("broken.gguf")
     wait_text(browser, '.download[data-file="broken.gguf"]', "not a GGUF model")
+    assert text(browser, '.download[data-file="broken.gguf"] .row:last-child') == "Dismiss"  # retrying cannot help
+    assert "Try again" in text(browser, '.download[data-file="huge-70B-Q8_0.gguf"]')
     assert sorted(p.name for p in models.glob("*.gguf")) == sorted([default_model_path().name, "notes.gguf"])
 
     download("tiny-llama-Q4_0.gguf")
@@ -336,6 +347,21 @@ def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     shot(browser, artifacts, "06-mesh-after-model-change")
 
 
+def test_phone_width(world, browser, artifacts):
+    browser.set_window_size(390, 844)
+    tab(browser, "mesh")
+    wait_until(lambda: len(node_rows(browser)) == 2, timeout=30, what="both nodes at phone width")
+    width = browser.execute_script("return document.documentElement.scrollWidth")
+    assert width <= 400, f"the page scrolls sideways at phone width ({width}px)"
+    shot(browser, artifacts, "07-phone-mesh")
+    tab(browser, "chat")
+    # The conversation is kept while the page is open (across views).
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#conversation .message")) == 2
+    shot(browser, artifacts, "08-phone-chat")
+    browser.set_window_size(1280, 1000)
+    tab(browser, "mesh")
+
+
 def test_cross_origin_and_foreign_host_are_refused(world, browser):
     a, url = world["a"], world["url"]
     before = mesh_id(a)
@@ -364,19 +390,6 @@ def test_cross_origin_and_foreign_host_are_refused(world, browser):
     assert mesh_id(a) == before
 
 
-def test_phone_width(world, browser, artifacts):
-    browser.set_window_size(390, 844)
-    tab(browser, "mesh")
-    wait_until(lambda: len(node_rows(browser)) == 2, timeout=30, what="both nodes at phone width")
-    width = browser.execute_script("return document.documentElement.scrollWidth")
-    assert width <= 400, f"the page scrolls sideways at phone width ({width}px)"
-    shot(browser, artifacts, "07-phone-mesh")
-    tab(browser, "chat")
-    shot(browser, artifacts, "08-phone-chat")
-    browser.set_window_size(1280, 1000)
-    tab(browser, "mesh")
-
-
 def test_leave_then_stop_and_start_the_node(world, browser, artifacts):
     a, b, ids = world["a"], world["b"], world["ids"]
     old = mesh_id(a)
@@ -397,7 +410,7 @@ def test_leave_then_stop_and_start_the_node(world, browser, artifacts):
     assert a.status()["gatewayd"]["api_url"].endswith(f":{a.port}/v1")  # the restart kept A's settings
 
 
-def test_api_key_prompt(world, tmp_path):
+def test_api_key_prompt(tmp_path):
     port = free_port()
     console = subprocess.Popen([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"),
                                 "--port", str(port), "--no-open", "--api-key", "open-sesame"],
@@ -413,11 +426,11 @@ def test_api_key_prompt(world, tmp_path):
         wait_until(lambda: _get(url + "/"), timeout=30, what="the keyed console")
         assert httpx.get(url + "/api/state").status_code == 401
         driver.get(url + "/")
-        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=10, what="the key prompt")
+        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=30, what="the key prompt")
         fill(driver, "key-input", "open-sesame")
         driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
-        wait_until(lambda: text(driver, "#live") == "live", timeout=10, what="the page live with the key")
-        assert "No node is running" in text(driver, "#node-line")
+        wait_until(lambda: text(driver, "#live") == "live", timeout=30, what="the page live with the key")
+        wait_text(driver, "#node-line", "No node is running")  # the first pushed state, read with the key
     finally:
         driver.quit()
         kill_process_tree(console)

@@ -210,3 +210,20 @@ def test_mesh_view_while_waiting_and_before_anything_is_heard():
 def test_tokens_per_second():
     assert tokens_per_second([]) is None and tokens_per_second([1.0, 2.0]) is None
     assert tokens_per_second([0.0, 0.5, 1.0, 1.5, 2.0]) == pytest.approx(2.0)
+
+
+# --- node restarts ---------------------------------------------------------------------------------
+
+def test_a_restart_keeps_the_running_nodes_settings_but_not_its_startup_join(tmp_path, monkeypatch):
+    from services.console.node import settings_for
+    monkeypatch.setenv("MESH_PORT", "1111")  # the console's own environment must not leak into the node's
+    running = {"MESH_HOME": str(tmp_path), "MESH_PORT": "4242", "MESH_MAX_VRAM": "8589934592B", "MESH_SPLIT": "1",
+               "MESH_JOIN": "eyJ-old-token", "MESH_MODEL": "/models/old.gguf"}
+    settings = settings_for(tmp_path, running, model="/models/new.gguf", client=None)
+    assert settings.port == 4242 and settings.max_vram == 8 << 30 and settings.split
+    assert settings.model == Path("/models/new.gguf") and settings.join == [] and not settings.client
+    assert settings_for(tmp_path, running, model=None, client=True).client
+    import os
+    assert os.environ["MESH_PORT"] == "1111" and "MESH_JOIN" not in os.environ
+    fresh = settings_for(tmp_path, None, model=None, client=None)  # no node yet: env and config file
+    assert fresh.port == 1111 and fresh.home == tmp_path

@@ -43,6 +43,7 @@
   const mb = (n) => ((n || 0) / 1e6).toFixed(1) + " MB";
   function bytes(n) {
     if (n === null || n === undefined) return "?";
+    if (n >= 1e12) return (n / 1e12).toFixed(1) + " TB";
     if (n >= 1e9) return (n / 1e9).toFixed(2) + " GB";
     if (n >= 1e6) return (n / 1e6).toFixed(1) + " MB";
     if (n >= 1e3) return (n / 1e3).toFixed(1) + " kB";
@@ -133,13 +134,14 @@
     let line;
     if (node.busy) line = `The node is ${node.busy}…`;
     else if (!node.running) line = "No node is running for this MESH_HOME. Start one: it serves the model shown under Models, or joins as a lite client.";
-    else line = `Node ${short(view.node_id) || "?"} in mesh ${view.mesh_id || "?"} — ${node.client ? "lite client" : "model " + (node.model || "default")} — services up: ${services.join(", ") || "none yet"} — API on port ${node.api_port}`;
+    else line = `Node ${short(view.node_id) || "?"} in mesh ${view.mesh_id || "?"} — ${node.client ? "lite client" : "model " + (node.model ? node.model.split("/").pop() : "default")} — services up: ${services.join(", ") || "none yet"} — API on port ${node.api_port}`;
     $("node-line").textContent = line;
     $("node-line").dataset.nodeId = view.node_id || "";
     $("node-error").textContent = node.error || "";
     $("node-error").classList.toggle("hidden", !node.error);
     $("start-solo").disabled = $("start-client").disabled = !!node.busy;
     $("stop-node").disabled = !!node.busy || !node.running;
+    for (const id of ["show-token", "rotate-token", "join-button", "leave"]) $(id).disabled = !node.running || !!node.busy;
     $("start-solo").textContent = node.running ? "Restart with a model" : "Start node";
     $("start-client").textContent = node.running ? "Restart as lite client" : "Start as lite client";
 
@@ -169,7 +171,8 @@
     const runner = view.runner;
     if (runner) {
       const llama = runner.llama;
-      $("llama-line").textContent = `llama-server: ${llama.state}${llama.detail ? " — " + llama.detail : ""}` +
+      const detail = llama.detail && llama.detail !== plan.reason ? " — " + llama.detail : "";
+      $("llama-line").textContent = `llama-server: ${llama.state}${detail}` +
         ` · rpc-server: ${runner.rpc.state}` + (runner.status ? ` · runner: ${runner.status}` : "") +
         (runner.weights.length ? " · weights: " + runner.weights.map((w) => `${short(w.node_id)} ${mb(w.local_bytes)} from its own file, ${mb(w.sent_bytes)} sent`).join("; ") : "");
     } else {
@@ -333,6 +336,10 @@
   const downloadCards = new Map();
   function renderDownloads(list) {
     const box = $("downloads");
+    const present = new Set(list.map((d) => d.id));
+    for (const [id, card] of downloadCards) {
+      if (!present.has(id)) { card.root.remove(); downloadCards.delete(id); }
+    }
     for (const d of list.slice().reverse()) {
       let card = downloadCards.get(d.id);
       if (!card) {
@@ -363,9 +370,12 @@
       if (["queued", "checking", "downloading", "verifying"].includes(d.state)) {
         actions.push(el("button", { class: "secondary", onclick: stop("pause") }, "Pause"));
         actions.push(el("button", { class: "danger", onclick: stop("cancel") }, "Cancel"));
-      } else if (d.state === "paused" || d.state === "failed") {
-        actions.push(el("button", { onclick: (e) => { hubRepo = d.repo; download(d.file, e.target); } }, "Resume"));
-        actions.push(el("button", { class: "danger", onclick: stop("cancel") }, "Discard"));
+      } else if (d.next === "resume" || d.next === "retry") {
+        actions.push(el("button", { onclick: (e) => { hubRepo = d.repo; download(d.file, e.target); } },
+          d.next === "resume" ? "Resume" : "Try again"));
+        actions.push(el("button", { class: "danger", onclick: stop("cancel") }, d.next === "resume" ? "Discard" : "Dismiss"));
+      } else if (d.state === "failed" || d.state === "cancelled") {
+        actions.push(el("button", { class: "secondary", onclick: stop("cancel") }, "Dismiss"));
       } else if (d.state === "done") {
         loadLocalModels();
         actions.push(el("button", { onclick: (e) => useModel(d.path, e.target) }, "Use this model"));
