@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 
+from common.local_keys import read_llama_key
 from tests.support.procs import free_port, wait_until
 
 BODY = {"prompt": "Write a short story about a lighthouse keeper.", "max_tokens": 128, "temperature": 0,
@@ -24,10 +25,10 @@ def meshctl(*args: str, home: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def completion(base: str) -> tuple[float, float]:
+def completion(base: str, headers: dict | None = None) -> tuple[float, float]:
     """(server-side decode tok/s, client-side tok/s over the whole request)."""
     started = time.monotonic()
-    r = httpx.post(f"{base}/v1/completions", json=BODY, timeout=300)
+    r = httpx.post(f"{base}/v1/completions", json=BODY, timeout=300, headers=headers)
     r.raise_for_status()
     wall = time.monotonic() - started
     data = r.json()
@@ -58,9 +59,10 @@ def main() -> int:
         first_answer = time.monotonic() - started
         status = json.loads(meshctl("status", "--json", home=home).stdout)
         direct = f"http://127.0.0.1:{status['runnerd']['llama']['port']}"
+        llama_key = {"Authorization": f"Bearer {read_llama_key(home)}"}  # runnerd's llama-server wants its key
         rows = {"mesh :9337": [], "llama-server direct": []}
         for _ in range(args.runs):  # interleaved, so load from elsewhere hits both alike
-            rows["llama-server direct"].append(completion(direct))
+            rows["llama-server direct"].append(completion(direct, llama_key))
             rows["mesh :9337"].append(completion(api))
         print(f"meshctl up → first answer: {first_answer:.1f} s (model and llama.cpp already cached)")
         print(f"{'path':<22} {'decode tok/s (server)':>22} {'end-to-end tok/s':>18}")

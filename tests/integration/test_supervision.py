@@ -30,8 +30,6 @@ def node(tmp_path_factory):
         n.stop()
 
 
-@pytest.mark.parametrize("service, loop", [(s, t) for s, loops in LOOPS.items() for t in loops],
-                         ids=[f"{s}-{t}" for s, loops in LOOPS.items() for t in loops])
 def pid_of(node: Node, service: str) -> int | None:
     try:
         return node.service_pid(service)
@@ -39,6 +37,8 @@ def pid_of(node: Node, service: str) -> int | None:
         return None
 
 
+@pytest.mark.parametrize("service, loop", [(s, t) for s, loops in LOOPS.items() for t in loops],
+                         ids=[f"{s}-{t}" for s, loops in LOOPS.items() for t in loops])
 def test_a_failed_loop_restarts_its_service(node, service, loop):
     before = wait_until(lambda: pid_of(node, service), timeout=60, what=f"{service} running")
     fault_file(node.home, service, loop).touch()
