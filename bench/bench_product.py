@@ -92,7 +92,8 @@ class Setup:
     """One way's processes at one RTT: rpc-server, the path to it, llama-server."""
 
     def __init__(self, way: str, rtt_ms: float, bins, model: Path, log_dir: Path, stack: contextlib.ExitStack,
-                 lane: str = "tcp", speculation: str = "auto", threads: int | None = None):
+                 lane: str = "tcp", speculation: str = "auto", threads: int | None = None,
+                 spec_extra: list[str] = ()):
         self.way = way
         info = inspect_gguf(model)
         mesh = way != "stock"
@@ -108,6 +109,8 @@ class Setup:
         else:
             self.choice = choose_speculation("off", draft_model=None, remote_rtts_ms=[])
         spec = speculation_args(self.choice.mode, draft_model=None, backend=_backend(), device=None)
+        if spec:
+            spec += list(spec_extra)
         port = free_port()
         args = llama_server_args(bins, port, info, plan, HOST, {WORKER: endpoints[0][1]}, backend=_backend(),
                                  ctx_size=CTX_SIZE, threads=threads, speculation=spec)
@@ -145,7 +148,8 @@ def _backend() -> str:
 def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir: Path) -> list[Sample]:
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack, httpx.Client(timeout=args.request_timeout) as client:
-        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane, args.speculation, args.threads) for way in WAYS]
+        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane, args.speculation, args.threads,
+                        args.spec_extra.split()) for way in WAYS]
         for s in setups:
             s.ready(args.load_timeout)
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
@@ -269,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
                              "where auto leaves it off)")
     parser.add_argument("--threads", type=int,
                         help="CPU threads of every llama-server and rpc-server (runnerd's --threads; default llama.cpp's)")
+    parser.add_argument("--spec-extra", default="", help="more llama-server flags for the mesh way when it "
+                        "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
     parser.add_argument("--lane", choices=("tcp", "quic"), default="tcp",
                         help="the mesh's lane: tcp (TLS over TCP, the default between reachable nodes) or quic")
     parser.add_argument("--bin-dir", type=Path)
