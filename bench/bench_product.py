@@ -231,9 +231,10 @@ def plot(cells: list[Cell], out: Path, title: str) -> bool:
             rows = sorted((c for c in cells if (c.model, c.workload, c.way) == (model, workload, way)),
                           key=lambda c: c.rtt_ms)
             xs = [c.rtt_ms for c in rows]
-            axes[0][i].plot(xs, [c.decode_tps for c in rows], marker="o", label=way)
+            color = {"stock": "C0", "mesh-off": "C1", "mesh": "C2"}[way]
+            axes[0][i].plot(xs, [c.decode_tps for c in rows], marker="o", label=way, color=color)
             if way != "stock":
-                axes[1][i].plot(xs, [c.decode_vs_stock for c in rows], marker="o", label=f"{way} / stock")
+                axes[1][i].plot(xs, [c.decode_vs_stock for c in rows], marker="o", label=f"{way} / stock", color=color)
         axes[0][i].set_title(f"{model}, {workload}: decode tok/s")
         axes[1][i].set_title(f"{model}, {workload}: decode / stock")
         axes[1][i].axhline(1.0, color="grey", linestyle="--")
@@ -243,7 +244,7 @@ def plot(cells: list[Cell], out: Path, title: str) -> bool:
             ax.set_ylim(bottom=0)
         axes[0][i].legend(fontsize=8)
         axes[1][i].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     try:
         bins = find_binaries(args.bin_dir)
-        models = {name: ensure_model(name) for name in args.models}
+        models = {(name if name in ("gemma", "smollm2") else Path(name).stem): ensure_model(name) for name in args.models}
     except (BinariesError, FileNotFoundError) as e:
         print(f"bench_product: {e}", file=sys.stderr)
         return 2
