@@ -92,11 +92,12 @@ class Setup:
     """One way's processes at one RTT: rpc-server, the path to it, llama-server."""
 
     def __init__(self, way: str, rtt_ms: float, bins, model: Path, log_dir: Path, stack: contextlib.ExitStack,
-                 lane: str = "tcp"):
+                 lane: str = "tcp", speculation: str = "auto", threads: int | None = None,
+                 spec_extra: list[str] = ()):
         self.way = way
         info = inspect_gguf(model)
         mesh = way != "stock"
-        worker = start_rpc_server(bins, log_dir, name=f"rpc-{way}-{rtt_ms:g}",
+        worker = start_rpc_server(bins, log_dir, name=f"rpc-{way}-{rtt_ms:g}", threads=threads,
                                   gguf=model if mesh and bins.loads_local_weights else None)
         stack.callback(worker.stop)
         path = PATHS[("mesh" if lane == "tcp" else "mesh-quic") if mesh else "stock-direct"]
@@ -104,13 +105,15 @@ class Setup:
         plan = Plan(state="split", host=HOST, key="bench", members=[PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5),
                                                                     PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5)])
         if way == "mesh":
-            self.choice = choose_speculation("auto", draft_model=None, remote_rtts_ms=[max(rtt_ms, LOOPBACK_RTT_MS)])
+            self.choice = choose_speculation(speculation, draft_model=None, remote_rtts_ms=[max(rtt_ms, LOOPBACK_RTT_MS)])
         else:
             self.choice = choose_speculation("off", draft_model=None, remote_rtts_ms=[])
-        spec = speculation_args(self.choice.mode, draft_model=None, backend="cpu", device=None)
+        spec = speculation_args(self.choice.mode, draft_model=None, backend=_backend(), device=None)
+        if spec:
+            spec += list(spec_extra)
         port = free_port()
         args = llama_server_args(bins, port, info, plan, HOST, {WORKER: endpoints[0][1]}, backend=_backend(),
-                                 ctx_size=CTX_SIZE, threads=None, speculation=spec)
+                                 ctx_size=CTX_SIZE, threads=threads, speculation=spec)
         log_path = log_dir / f"llama-{way}-{rtt_ms:g}.log"
         self.llama = ServerProcess(f"llama-{way}", popen_in_own_session(args, log_path=log_path), "127.0.0.1", port,
                                    log_path)
@@ -145,7 +148,8 @@ def _backend() -> str:
 def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir: Path) -> list[Sample]:
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack, httpx.Client(timeout=args.request_timeout) as client:
-        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane) for way in WAYS]
+        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane, args.speculation, args.threads,
+                        args.spec_extra.split()) for way in WAYS]
         for s in setups:
             s.ready(args.load_timeout)
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
@@ -227,9 +231,10 @@ def plot(cells: list[Cell], out: Path, title: str) -> bool:
             rows = sorted((c for c in cells if (c.model, c.workload, c.way) == (model, workload, way)),
                           key=lambda c: c.rtt_ms)
             xs = [c.rtt_ms for c in rows]
-            axes[0][i].plot(xs, [c.decode_tps for c in rows], marker="o", label=way)
+            color = {"stock": "C0", "mesh-off": "C1", "mesh": "C2"}[way]
+            axes[0][i].plot(xs, [c.decode_tps for c in rows], marker="o", label=way, color=color)
             if way != "stock":
-                axes[1][i].plot(xs, [c.decode_vs_stock for c in rows], marker="o", label=f"{way} / stock")
+                axes[1][i].plot(xs, [c.decode_vs_stock for c in rows], marker="o", label=f"{way} / stock", color=color)
         axes[0][i].set_title(f"{model}, {workload}: decode tok/s")
         axes[1][i].set_title(f"{model}, {workload}: decode / stock")
         axes[1][i].axhline(1.0, color="grey", linestyle="--")
@@ -239,7 +244,7 @@ def plot(cells: list[Cell], out: Path, title: str) -> bool:
             ax.set_ylim(bottom=0)
         axes[0][i].legend(fontsize=8)
         axes[1][i].legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -264,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, help="tokens per answer for every workload (default: per workload)")
     parser.add_argument("--ignore-eos", action="store_true",
                         help="always decode --max-tokens (for random-weight models, whose answers end anywhere)")
+    parser.add_argument("--speculation", choices=("auto", "off", "ngram"), default="auto",
+                        help="the `mesh` way's --speculative (default auto, as a user runs it; ngram: to measure it "
+                             "where auto leaves it off)")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads of every llama-server and rpc-server (runnerd's --threads; default llama.cpp's)")
+    parser.add_argument("--spec-extra", default="", help="more llama-server flags for the mesh way when it "
+                        "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
     parser.add_argument("--lane", choices=("tcp", "quic"), default="tcp",
                         help="the mesh's lane: tcp (TLS over TCP, the default between reachable nodes) or quic")
     parser.add_argument("--bin-dir", type=Path)
@@ -279,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
     try:
         bins = find_binaries(args.bin_dir)
-        models = {name: ensure_model(name) for name in args.models}
+        models = {(name if name in ("gemma", "smollm2") else Path(name).stem): ensure_model(name) for name in args.models}
     except (BinariesError, FileNotFoundError) as e:
         print(f"bench_product: {e}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, _interrupt)
     log_dir = Path(tempfile.mkdtemp(prefix="bench-product-"))
     started, samples, errors = time.monotonic(), [], []
-    speculation_by_rtt = {rtt: choose_speculation("auto", draft_model=None,
+    speculation_by_rtt = {rtt: choose_speculation(args.speculation, draft_model=None,
                                                   remote_rtts_ms=[max(rtt, LOOPBACK_RTT_MS)]).mode for rtt in args.rtts}
     try:
         for name, path in models.items():
@@ -303,13 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(cells)
     print()
     print(table)
+    texts: dict[tuple, set[str]] = {}
+    for s in samples:
+        texts.setdefault((s.model, s.workload, s.rtt_ms, s.prompt), set()).add(s.text_sha)
+    same = sum(len(v) == 1 for v in texts.values())
+    print(f"\nsame answer from all three ways (temperature 0): {same} of {len(texts)} prompts")
     print(f"\n{len(samples)} requests in {time.monotonic() - started:.0f} s; logs in {log_dir}")
     from bench.bench_rpc import gpu_names
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpu_names()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "lane": args.lane,
               "models": {k: str(v) for k, v in models.items()}, "rtts_ms": args.rtts, "quick": args.quick,
-              "speculation_by_rtt": speculation_by_rtt, "errors": errors, "table": table,
+              "speculation_by_rtt": speculation_by_rtt, "errors": errors,
+              "same_answer_prompts": [same, len(texts)], "table": table,
               "cells": [asdict(c) for c in cells], "samples": [asdict(s) for s in samples]}
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     where = "GPU: " + machine["gpus"][0] if machine["gpus"] else f"{os.cpu_count()}-core CPU"

@@ -57,6 +57,7 @@ def trimmed_source(target: Path) -> None:
             if not member.name.startswith(prefix) or member.name.startswith(skip) or member.name == prefix + ".git":
                 continue
             member.name = "llama.cpp/" + member.name[len(prefix):]
+            member.pax_headers.pop("path", None)  # a long name lives there too, and would win over .name
             dst.addfile(member, src.extractfile(member) if member.isfile() else None)
 
 

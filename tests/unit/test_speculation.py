@@ -35,7 +35,10 @@ def test_explicit_settings_win_over_the_measurement():
 
 def test_flags_of_each_mode():
     assert speculation_args("off", draft_model=None, backend="cpu", device=None) == []
-    assert speculation_args("ngram", draft_model=None, backend="cpu", device=None) == ["--spec-type", "ngram-mod"]
+    cpu_ngram = speculation_args("ngram", draft_model=None, backend="cpu", device=None)
+    assert cpu_ngram[:2] == ["--spec-type", "ngram-mod"]
+    assert cpu_ngram[cpu_ngram.index("--spec-ngram-mod-n-max") + 1] == "16"  # short drafts: a CPU pays per drafted token
+    assert speculation_args("ngram", draft_model=None, backend="cuda", device=None) == ["--spec-type", "ngram-mod"]
     cpu = speculation_args("draft", draft_model="/d.gguf", backend="cpu", device=None)
     # the draft stays on the host: without a device list llama.cpp would spread it over the RPC devices too
     assert cpu == ["--spec-type", "draft-simple", "--model-draft", "/d.gguf", "--spec-draft-device", "none"]
