@@ -74,9 +74,12 @@ class Settings(BaseSettings):
     stun: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                  description="STUN server HOST:PORT (repeatable): learn this node's "
                                                              "public address; two tell cone from symmetric NAT")
+    relay: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                  description="TURN relay turn:USER:PASS@HOST:PORT (repeatable): the "
+                                                              "path of last resort when no direct or punched one works")
     log_level: str = Field("INFO")
 
-    @field_validator("join", "advertise", "advertise_data", "stun", mode="before")
+    @field_validator("join", "advertise", "advertise_data", "stun", "relay", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)
@@ -90,6 +93,14 @@ class Settings(BaseSettings):
                 parse_host_port(entry)
             except ValueError as exc:
                 raise ValueError(f"STUN server {exc}") from None
+        return value
+
+    @field_validator("relay", mode="after")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        from common.nat.turn import parse_relay_url
+        for entry in value:
+            parse_relay_url(entry)  # ValueError says what is wrong, without the password
         return value
 
     @field_validator("tensor_split", mode="before")

@@ -15,7 +15,7 @@ from tests.support import nat_lab
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.slow
-STUN_PORTS = (3478, 3479)
+STUN_SERVERS = (f"{nat_lab.STUN_IP}:3478", f"{nat_lab.STUN2_IP}:3478")  # two, to tell cone from symmetric
 
 
 @pytest.fixture
@@ -25,15 +25,14 @@ def lab(tmp_path):
         pytest.skip(why)
     lab = nat_lab.NatLab()
     try:
-        stun_site = lab.public_site("stun", 3)
-        for port in STUN_PORTS:
-            lab.start_coturn(stun_site.ns, port, tmp_path)
+        lab.start_coturn(lab.public_site("stun", 3).ns, 3478, tmp_path, listen_ip=nat_lab.STUN_IP)
+        lab.start_coturn(lab.public_site("stun2", 4).ns, 3478, tmp_path, listen_ip=nat_lab.STUN2_IP)
         yield lab
     finally:
         lab.close()
 
 
-STUN_ENV = {"MESH_STUN": ",".join(f"{nat_lab.STUN_IP}:{port}" for port in STUN_PORTS)}  # = --stun A --stun B
+STUN_ENV = {"MESH_STUN": ",".join(STUN_SERVERS)}  # = --stun A --stun B
 
 
 def peer(node: Node, other: Node) -> dict | None:
@@ -99,7 +98,9 @@ def test_symmetric_nat_is_reported(lab, tmp_path):
         wait_until(lambda: path_of(s, p) == "direct", timeout=60, interval=0.5, what="the NATed node joined")
         nat = s.status()["meshd"]["nat"]
         assert nat["behaviour"] == "symmetric" and "relay" in nat["detail"], nat
-        assert not s.status()["meshd"]["me"]["public_addrs"]  # its STUN mapping is useless to peers
+        me = s.status()["meshd"]["me"]
+        assert me["public_addrs"] and me["public_addrs"][0][0] == home.public_ip  # its IP, for relays' permissions
+        assert me["public_addrs"][0] not in me["mesh_addrs"]  # but not to be dialed: a new port per destination
     finally:
         for n in (s, p):
             n.stop()
@@ -118,3 +119,62 @@ def test_an_unanswering_stun_server_costs_seconds_and_says_so(lab, tmp_path):
         assert any("no answer from" in e and "3999" in e for e in errors), errors
     finally:
         p.stop()
+
+
+TURN_USER = "meshuser"
+TURN_PASS = "s3cret-relay-pass"
+
+
+def test_symmetric_and_cone_homes_meet_through_the_relay_which_sees_only_ciphertext(tmp_path):
+    why = nat_lab.available()
+    if why:
+        pytest.skip(why)
+    lab = nat_lab.NatLab()
+    sniffer = None
+    nodes: list[Node] = []
+    try:
+        relay_site = lab.public_site("turn", 3)
+        lab.start_coturn(relay_site.ns, 3478, tmp_path, user=f"{TURN_USER}:{TURN_PASS}")  # TURN, and STUN too
+        lab.start_coturn(lab.public_site("stun2", 4).ns, 3478, tmp_path, listen_ip=nat_lab.STUN2_IP)
+        capture = tmp_path / "relay.frames"
+        sniffer = subprocess.Popen(["ip", "netns", "exec", relay_site.ns, sys.executable, "-m", "tests.support.sniff",
+                                    str(capture)], stdout=subprocess.PIPE, text=True, start_new_session=True)
+        assert sniffer.stdout.readline().strip() == "capturing"
+        env = STUN_ENV | {"MESH_RELAY": f"turn:{TURN_USER}:{TURN_PASS}@{nat_lab.STUN_IP}:3478"}
+        public = lab.public_site("pub", 2)
+        home_s, home_c = lab.home_site("s", 1, symmetric=True), lab.home_site("c", 2)
+        p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
+        s = Node(tmp_path / "s", netns=home_s.ns, extra=["--client"], env=env)
+        c = Node(tmp_path / "c", netns=home_c.ns, extra=["--client"], env=env)
+        nodes = [s, c, p]
+        p.start()
+        token = p.token()
+        started = time.monotonic()
+        s.start("--join", token)
+        c.start("--join", token)
+        wait_until(lambda: path_of(s, c) == "relayed" and path_of(c, s) == "relayed", timeout=120, interval=0.5,
+                   what="the symmetric and the cone home connected through the relay")
+        print(f"nat: join -> relayed path in {time.monotonic() - started:.1f} s")
+        relays = s.status()["meshd"]["relays"]
+        assert relays and relays[0]["relayed"][0] == nat_lab.STUN_IP and not relays[0]["error"], relays
+        relayed_bytes = lambda: sum(r["bytes_out"] + r["bytes_in"] for n in (s, c)  # noqa: E731
+                                    for r in n.status()["meshd"]["relays"])
+        wait_until(lambda: relayed_bytes() > 2000, timeout=30, interval=0.5, what="gossip through the relay")
+        print(f"nat: the two nodes' relays carried {relayed_bytes()} bytes of QUIC so far")
+        assert TURN_PASS not in json.dumps(s.status())  # the status names the relay, never its password
+        secret = json.loads((p.home / "mesh.json").read_text())["secret"]
+        ids = [s.node_id(), c.node_id()]
+    finally:
+        for n in nodes:
+            n.stop()
+        if sniffer is not None:
+            sniffer.terminate()
+            sniffer.wait(timeout=30)
+        lab.close()
+    from tests.support.sniff import read_frames
+    seen = b"".join(read_frames(str(capture)))
+    assert TURN_USER.encode() in seen, "the capture saw the relay's own (plaintext) TURN requests"
+    assert len(seen) > 20000, len(seen)
+    for marker in (secret, *ids, '"gossip"'):
+        assert marker.encode() not in seen, f"{marker!r} crossed the relay in plaintext"
+    print(f"nat: the relay's segment carried {len(seen)} bytes; no secret, node id or gossip text in them")
