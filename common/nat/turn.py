@@ -15,7 +15,6 @@ between relayed and direct without a new socket.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import socket
@@ -216,11 +215,6 @@ class TurnAllocation:
         now = time.monotonic()
         for ip in ips:
             if ip in self._permitted or ip in self._permitting or now - self._refused.get(ip, -1e9) < REFUSED_RETRY_S:
-                continue
-            try:
-                if ipaddress.ip_address(ip).is_loopback:
-                    continue  # never useful through a relay (and relays refuse it)
-            except ValueError:
                 continue
             self._permitting[ip] = self._spawn(self._permit(ip))
 

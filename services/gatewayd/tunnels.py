@@ -550,7 +550,7 @@ class TunnelService:
             ips = sorted({h for peer in peers for h, _ in peer.quic} | set(public_ips or [])
                          | {a.relayed[0] for a in self.relays if a.relayed})
             for allocation in self.relays:
-                allocation.permit(ips)
+                allocation.permit([ip for ip in ips if not ip.startswith("127.")])
             socket_path = self._quic.socket_path if self._quic is not None else None
             for connection in list(self._quic_connections.values()):
                 if (connection.dialed and connection.path_kind == "relayed" and not connection.is_closed

@@ -52,7 +52,7 @@ def permitted_ips(announcements: list[Announcement], relays: list[TurnAllocation
     IPs (a member that is itself relayed reaches us from its allocation there)."""
     ips = {h for ann in announcements for h, _ in [*ann.mesh_addrs, *ann.data_quic, *ann.public_addrs]}
     ips |= {a.relayed[0] for a in relays if a.relayed is not None}
-    return sorted(ips)
+    return sorted(ip for ip in ips if not ip.startswith("127."))  # a relay never reaches our loopback
 
 
 def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach) -> None:
