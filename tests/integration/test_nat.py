@@ -178,3 +178,54 @@ def test_symmetric_and_cone_homes_meet_through_the_relay_which_sees_only_ciphert
     for marker in (secret, *ids, '"gossip"'):
         assert marker.encode() not in seen, f"{marker!r} crossed the relay in plaintext"
     print(f"nat: the relay's segment carried {len(seen)} bytes; no secret, node id or gossip text in them")
+
+
+def decode_tok_s(node: Node, max_tokens: int = 48) -> float | None:
+    """llama-server's own decode speed for one answer asked at `node`'s :9337 (None if no answer)."""
+    body = {"model": "any", "messages": [{"role": "user", "content": "Count from one to twenty."}],
+            "temperature": 0, "seed": 1, "max_tokens": max_tokens}
+    code = ("import httpx,json,sys; r=httpx.post(sys.argv[1], json=json.loads(sys.argv[2]), timeout=180);"
+            "r.raise_for_status(); print(json.dumps(r.json()))")
+    out = subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, "-c", code,
+                          f"{node.api}/v1/chat/completions", json.dumps(body)], capture_output=True, text=True,
+                         timeout=200)
+    if out.returncode != 0:
+        return None
+    answer = json.loads(out.stdout)
+    return (answer.get("timings") or {}).get("predicted_per_second") or -1.0
+
+
+def test_split_between_two_cone_homes_serves_everywhere(lab, tmp_path):
+    """Two hosts behind separate cone NATs split the model over a punched path (no weights move);
+    a lite client behind a third NAT and the public rendezvous node answer too."""
+    public = lab.public_site("pub", 2)
+    homes = [lab.home_site(name, i) for i, name in ((1, "a"), (2, "b"), (3, "c"))]
+    p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
+    a = Node(tmp_path / "a", netns=homes[0].ns, extra=["--split", "--max-vram", "8G"], env=STUN_ENV)
+    b = Node(tmp_path / "b", netns=homes[1].ns, extra=["--split", "--max-vram", "4G"], env=STUN_ENV)
+    c = Node(tmp_path / "c", netns=homes[2].ns, extra=["--client"], env=STUN_ENV)
+    try:
+        p.start()
+        token = p.token()
+        started = time.monotonic()
+        for n in (a, b, c):
+            n.start("--join", token)
+        ids = {a.node_id(), b.node_id()}
+        wait_until(lambda: {m["node_id"] for m in a.status().get("electd", {}).get("members", [])} == ids
+                   and a.runner().get("llama", {}).get("state") == "ready", timeout=300, interval=1.0,
+                   what="the split over the two homes serving")
+        speed = wait_until(lambda: decode_tok_s(a), timeout=120, interval=1.0, what="an answer at the host")
+        served_at = time.monotonic() - started
+        speed = max(speed, *(decode_tok_s(a) or 0 for _ in range(2)))  # the first answer also warms the path up
+        print(f"nat: join -> split serving across two cone NATs in {served_at:.1f} s; "
+              f"decode {speed:.1f} tok/s at the host over the punched QUIC lane")
+        for n in (b, c, p):
+            assert wait_until(lambda: decode_tok_s(n, 8), timeout=120, interval=1.0, what=f"{n.home.name} answering")
+        assert path_of(a, b) == "punched" and path_of(b, a) == "punched"
+        tunnel = next(t for t in a.status()["gatewayd"]["tunnels"] if t["node_id"] == b.node_id())
+        assert tunnel["lane"] == "quic" and tunnel["path"] == "direct" and tunnel["bytes_out"] > 0, tunnel
+        weights = {w["node_id"]: w for w in a.runner().get("weights", [])}
+        assert weights[b.node_id()]["sent_bytes"] == 0 and weights[b.node_id()]["local_bytes"] > 0, weights
+    finally:
+        for n in (c, b, a, p):
+            n.stop()
