@@ -229,3 +229,26 @@ def test_split_between_two_cone_homes_serves_everywhere(lab, tmp_path):
     finally:
         for n in (c, b, a, p):
             n.stop()
+
+
+def test_a_public_host_that_drops_unsolicited_inbound_joins_outbound_and_serves(lab, tmp_path):
+    """The firewalled node is the restricted side: it joins (dials out) and the reachable side waits.
+    Here the firewalled node hosts the model and the reachable one is a lite client."""
+    open_site = lab.public_site("pub", 2)
+    walled = lab.public_site("fw", 5, drop_inbound=True)
+    p = Node(tmp_path / "p", netns=open_site.ns, extra=["--client"], env=STUN_ENV)
+    f = Node(tmp_path / "f", netns=walled.ns, env=STUN_ENV)
+    try:
+        p.start()
+        started = time.monotonic()
+        f.start("--join", p.token())
+        wait_until(lambda: decode_tok_s(p, 8), timeout=240, interval=1.0, what="the lite client answering")
+        print(f"nat: join -> serving with a firewalled public host in {time.monotonic() - started:.1f} s")
+        assert decode_tok_s(f, 8)
+        assert path_of(f, p) == "direct" and path_of(p, f) == "direct"
+        assert f.status()["meshd"]["nat"]["behaviour"] == "no NAT"
+        tunnel = next(t for t in p.status()["gatewayd"]["tunnels"] if t["node_id"] == f.node_id())
+        assert tunnel["lane"] == "quic", tunnel  # TCP to the firewalled host cannot connect; its UDP hole can
+    finally:
+        for n in (f, p):
+            n.stop()
