@@ -116,6 +116,15 @@ class NatReport(Message):
     servers: list[StunServerState] = Field(default_factory=list)
 
 
+class RelayState(Message):
+    """One TURN allocation of this node (the URL without its password)."""
+    relay: str
+    relayed: Address | None = None
+    error: str = ""
+    bytes_out: int = 0  # QUIC bytes this node sent through the relay
+    bytes_in: int = 0
+
+
 class PeerPath(Message):
     """How this node reaches a peer now (control connection, and the data lane's QUIC connection)."""
     path: str = ""       # "direct", "punched", "relayed" or "" (none)
@@ -147,6 +156,7 @@ class Announcement(Message):
     sig: str = Field("", max_length=512)  # the node's signature over everything else and the mesh id
     nat: str = ""  # NatReport.behaviour of mesh_addrs' port; "" = no STUN server asked
     public_addrs: list[Address] = Field(default_factory=list)  # of mesh_addrs, the server-reflexive ones (STUN)
+    relay_addrs: list[Address] = Field(default_factory=list)  # relayed candidates (TURN), of mesh_addrs and data_quic
 
 
 class PeerView(Message):
@@ -171,6 +181,7 @@ class MeshState(Message):
     # peer list is short by those, and re-planning on it would restart llama-server for nothing.
     settled: bool = False
     nat: NatReport | None = None
+    relays: list[RelayState] = Field(default_factory=list)
 
 
 # --- gatewayd --------------------------------------------------------------------------------
@@ -199,6 +210,7 @@ class GatewayState(Message):
     requests_failed: int = 0
     error: str | None = None
     nat: NatReport | None = None  # of the QUIC data lane's port
+    relays: list[RelayState] = Field(default_factory=list)  # the QUIC data lane's allocations
 
 
 # --- control requests (DEALER → ROUTER) --------------------------------------------------------

@@ -130,6 +130,10 @@ class Settings(BaseSettings):
                                                  description="STUN server HOST:PORT (repeatable): learn this node's "
                                                              "public address; two tell cone from symmetric NAT",
                                                  json_schema_extra=cli(metavar="HOST:PORT", default="none"))
+    relay: Annotated[list[str], NoDecode] = Field(default_factory=list,
+                                                  description="TURN relay turn:USER:PASS@HOST:PORT (repeatable): the "
+                                                              "path of last resort when no direct or punched one works",
+                                                  json_schema_extra=cli(metavar="turn:USER:PASS@HOST:PORT", default="none"))
     log_level: str = Field("INFO", description="log level of the services (DEBUG, INFO, WARNING, ERROR)",
                            json_schema_extra=cli(metavar="LEVEL"))
     # Build and model-store settings: read by llama.cpp/build.py and common/default_model.py from the
@@ -151,7 +155,7 @@ class Settings(BaseSettings):
     test_faults: bool = Field(False, description="for tests only: a file MESH_HOME/run/fault-SERVICE-TASK makes "
                               "that task of that service fail once (common/tasks.py)")
 
-    @field_validator("join", "advertise", "advertise_data", "stun", mode="before")
+    @field_validator("join", "advertise", "advertise_data", "stun", "relay", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)
@@ -165,6 +169,14 @@ class Settings(BaseSettings):
                 parse_host_port(entry)
             except ValueError as exc:
                 raise ValueError(f"STUN server {exc}") from None
+        return value
+
+    @field_validator("relay", mode="after")
+    @classmethod
+    def _relays(cls, value: list[str]) -> list[str]:
+        from common.nat.turn import parse_relay_url
+        for entry in value:
+            parse_relay_url(entry)  # ValueError says what is wrong, without the password
         return value
 
     @field_validator("tensor_split", mode="before")

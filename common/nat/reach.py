@@ -20,7 +20,7 @@ from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
 from common.nat.candidates import dial_order
-from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
+from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
 log = logging.getLogger("mesh.nat")
 
@@ -30,6 +30,7 @@ CHECK_TIMEOUT_S = 1.0
 VALID_FOR_S = 15.0            # a check that answered counts this long
 DIAL_STAGGER_S = 0.25         # between starting dials to a peer's successive candidates
 DIAL_TIMEOUT_S = 5.0
+RELAY_AFTER_S = 1.5           # a relayed dial starts only if no direct or punched one got through by then
 
 
 @dataclass
@@ -66,19 +67,19 @@ class EndpointReach:
 
     # -- sending / receiving --------------------------------------------------------------------
 
-    def _send(self, data: bytes, addr: tuple) -> None:
-        path = self.endpoint.socket_path
+    def _send(self, data: bytes, addr: tuple, path: DatagramPath | None = None) -> None:
+        path = path or self.endpoint.socket_path
         if path is not None:
             path.send([(data, addr)])
 
-    def _on_stun(self, data: bytes, addr: tuple) -> None:
+    def _on_stun(self, data: bytes, addr: tuple, path: DatagramPath) -> None:
         message = stun.parse(data)
         if message is None:
             return
         if message.message_class == stun.BINDING_REQUEST_CLASS:
             answer = stun.binding_response(message, _plain(addr))
             if answer is not None:
-                self._send(answer, addr)
+                self._send(answer, addr, path)  # back the way it came (through a relay, maybe)
             return
         pending = self._pending.pop(message.transaction_id, None)
         if pending is not None and not pending[0].done():
@@ -172,29 +173,40 @@ class EndpointReach:
 
 async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str | None, addrs: list,
                     claims_for: Callable = lambda nonce, server_id: {},
-                    timeout: float = DIAL_TIMEOUT_S) -> QuicPeerConnection:
-    """Dial the candidates, one more every DIAL_STAGGER_S (answered checks first); the first that
-    authenticates wins and the others are closed. AuthError as soon as the peer itself refuses."""
+                    timeout: float = DIAL_TIMEOUT_S, relays: list | None = None) -> QuicPeerConnection:
+    """Dial the candidates, one more every DIAL_STAGGER_S (answered checks first), then, from
+    RELAY_AFTER_S on, the same candidates through each of our relays (`relays`: TurnAllocations);
+    the first that authenticates wins and the others are closed. AuthError as soon as the peer
+    itself refuses."""
     order = dial_order([(h, int(p)) for h, p in addrs],
                        {a: r.rtt for a in map(tuple, addrs) if (r := reach.answered(a)) is not None})
     if not order:
         raise ConnectionError("no addresses to dial")
-    pending: dict[asyncio.Task, tuple[str, int]] = {}
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    queue: list[tuple[float, tuple[str, int], DatagramPath | None]] = \
+        [(i * DIAL_STAGGER_S, addr, None) for i, addr in enumerate(order)]
+    for relay in relays or []:
+        queue += [(RELAY_AFTER_S + i * DIAL_STAGGER_S, addr, relay) for i, addr in enumerate(order)]
+    queue.sort(key=lambda item: item[0])
+    pending: dict[asyncio.Task, str] = {}
     errors: list[str] = []
     mismatches = 0
     winner: QuicPeerConnection | None = None
-    queue = list(order)
     try:
         while (queue or pending) and winner is None:
-            if queue:
-                addr = queue.pop(0)
+            while queue and queue[0][0] <= loop.time() - start:
+                _, addr, path = queue.pop(0)
                 task = asyncio.ensure_future(endpoint.dial(addr, expected_node_id=node_id, claims_for=claims_for,
-                                                           timeout=timeout))
-                pending[task] = addr
-            done, _ = await asyncio.wait(set(pending), timeout=DIAL_STAGGER_S if queue else None,
-                                         return_when=asyncio.FIRST_COMPLETED)
+                                                           timeout=timeout, path=path))
+                pending[task] = f"{addr[0]}:{addr[1]}" + (f" via relay {path.label}" if path is not None else "")
+            wait = max(queue[0][0] - (loop.time() - start), 0.0) if queue else None
+            if not pending:
+                await asyncio.sleep(wait or 0)
+                continue
+            done, _ = await asyncio.wait(set(pending), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
-                addr = pending.pop(task)
+                where = pending.pop(task)
                 exc = task.exception()
                 if exc is None:
                     if winner is None:
@@ -205,7 +217,7 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
                     raise exc  # the peer answered and refused: other addresses reach the same peer
                 else:
                     mismatches += isinstance(exc, PeerIdentityMismatch)
-                    errors.append(f"{addr[0]}:{addr[1]}: {getattr(exc, 'reason', None) or exc or type(exc).__name__}")
+                    errors.append(f"{where}: {getattr(exc, 'reason', None) or exc or type(exc).__name__}")
     finally:
         for task in pending:
             task.cancel()

@@ -222,6 +222,11 @@ class QuicPeerConnection:
             self._last_addr = addr
             self._path_by_addr[addr] = path
         self._quic.receive_datagram(data, addr, now)
+        if addr != self._send_address:
+            paths = getattr(self._quic, "_network_paths", None)
+            if paths and paths[0].addr == addr:  # QUIC promoted the peer's new address (a migration)
+                self._send_address = addr
+                self.remote_address = (addr[0], addr[1])
 
     def _after_receive(self) -> None:
         self._process_events()

@@ -68,7 +68,7 @@ class QuicEndpoint:
         self.socket_path: UdpSocketPath | None = None
         # Datagrams that are not QUIC: STUN (first byte 0-3, RFC 7983) and whatever arrives from
         # a relay server's address (its responses, and peers' datagrams it forwards).
-        self.on_stun: Callable[[bytes, tuple], None] | None = None
+        self.on_stun: Callable[[bytes, tuple, DatagramPath], None] | None = None
         self.relay_servers: dict[tuple, RelayReceiver] = {}
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
@@ -107,7 +107,8 @@ class QuicEndpoint:
             raise ConnectionError("QUIC endpoint is not running")
         host, port = address[0], int(address[1])
         sockaddr = await self._resolve(host, port)
-        config = self._configuration(is_client=True, host=sockaddr[0])
+        config = self._configuration(is_client=True, host=sockaddr[0],
+                                     first_datagram=getattr(path, "max_datagram", None))
         quic = WindowedQuicConnection(configuration=config, stream_window=STREAM_RECEIVE_WINDOW,
                                       connection_window=CONNECTION_RECEIVE_WINDOW)
         disable_pacing(quic)
@@ -119,10 +120,9 @@ class QuicEndpoint:
         try:
             await asyncio.wait_for(connection._dial_auth(expected_node_id, claims_for), timeout)
         except asyncio.TimeoutError:
+            stage = "authentication" if connection._handshake_done.done() else "handshake"  # before _close sets it
             connection._close(CLOSE_NORMAL, "dial timed out")
-            raise asyncio.TimeoutError(
-                f"QUIC dial to {host}:{port} timed out after {timeout:g}s "
-                f"({'handshake' if not connection._handshake_done.done() else 'authentication'})") from None
+            raise asyncio.TimeoutError(f"QUIC dial to {host}:{port} timed out after {timeout:g}s ({stage})") from None
         except BaseException:
             connection._close(CLOSE_NORMAL, "dial failed")
             raise
@@ -166,6 +166,12 @@ class QuicEndpoint:
             config.private_key = self._private_key
         return config
 
+    def sockaddr(self, host: str, port: int) -> tuple:
+        """An IPv4 (host, port) in this socket's address form (IPv4-mapped on a dual-stack socket)."""
+        if self._family == socket.AF_INET6:
+            return (f"::ffff:{host}", int(port), 0, 0)
+        return (host, int(port))
+
     async def _resolve(self, host: str, port: int) -> tuple:
         try:
             ip = ipaddress.ip_address(host)
@@ -187,7 +193,8 @@ class QuicEndpoint:
         pending = sum(1 for c in self._connections if not c.authenticated)
         if pending >= MAX_UNAUTHENTICATED:
             return None
-        config = self._configuration(is_client=False, host=addr[0], first_datagram=len(data))
+        first = min(len(data), getattr(path, "max_datagram", None) or len(data))
+        config = self._configuration(is_client=False, host=addr[0], first_datagram=first)
         quic = WindowedQuicConnection(configuration=config,
                                       original_destination_connection_id=header.destination_cid,
                                       stream_window=STREAM_RECEIVE_WINDOW,
@@ -265,7 +272,7 @@ class QuicEndpoint:
                 continue
             if data[0] < 4:  # STUN (RFC 7983); QUIC always sets the fixed bit 0x40
                 if self.on_stun is not None:
-                    self.on_stun(data, addr)
+                    self.on_stun(data, addr, socket_path)
                 continue
             if data[0] & 0x80 == 0:  # short header: the destination CID follows the first byte
                 connection = by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])
@@ -292,6 +299,10 @@ class QuicEndpoint:
                     touched: dict[QuicPeerConnection, None]) -> None:
         """A QUIC datagram that came through `path` (a relay), not straight off the socket."""
         if not data:
+            return
+        if data[0] < 4:  # a peer's connectivity check (or its answer), relayed
+            if self.on_stun is not None:
+                self.on_stun(data, addr, path)
             return
         if data[0] & 0x80 == 0:
             connection = self._by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])

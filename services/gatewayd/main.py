@@ -29,6 +29,7 @@ from common.local_keys import read_llama_key
 from common.logs import setup_logging
 from common.messages import GatewayState, MeshState, PeerView, Plan, Reply, RunnerState, StatusRequest, TunnelStats
 from common.nat.reach import nat_report
+from common.nat.turn import relay_states
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.gatewayd.api import Upstream, build_app
@@ -79,7 +80,7 @@ class Gatewayd:
         self.tunnels = TunnelService(self.identity, is_member=self.is_member, local_target=self.local_target,
                                      allow=self.allow_tunnel,
                                      bind_host=settings.bind_host, tcp_port=settings.data_port,
-                                     quic_port=settings.data_port, stun=settings.stun)
+                                     quic_port=settings.data_port, stun=settings.stun, relays=settings.relay)
         self.forwards: dict[tuple[str, str], int] = {}  # (peer node id, kind) -> loopback port
         self.forward_addrs: dict[tuple[str, str], PeerDataAddrs] = {}  # where each forward dials the peer
         self._changed = asyncio.Event()
@@ -131,10 +132,19 @@ class Gatewayd:
         stats = self.tunnels.stats()
         tunnels = [TunnelStats(node_id=node_id, lane=s.get("lane", ""), bytes_in=s.get("bytes_in", 0),
                                bytes_out=s.get("bytes_out", 0), streams=s.get("open_streams", 0),
-                               last_error=s.get("last_error") or "", path=s.get("path", ""),
+                               last_error=s.get("last_error") or "", path=self.quic_path(node_id, s),
                                rtt_ms=s.get("rtt_ms")) for node_id, s in stats.items()]
         return self.state.model_copy(update={
-            "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"]})
+            "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"],
+            "relays": relay_states(self.tunnels.relays, self.tunnels.relay_failures)})
+
+    def quic_path(self, node_id: str, stats: dict) -> str:
+        """direct/relayed of the QUIC lane's connection; relayed too when it goes to the peer's relay address."""
+        path, remote = stats.get("path", ""), stats.get("remote")
+        peer = next((p.announcement for p in self.mesh.peers if p.announcement.node_id == node_id), None)
+        if path and remote and peer is not None and tuple(remote) in {tuple(a) for a in peer.relay_addrs}:
+            return "relayed"
+        return path
 
     # --- tunnels and upstream --------------------------------------------------------------------
 
@@ -154,8 +164,9 @@ class Gatewayd:
         """Keep the QUIC lane's NAT mappings toward members open (see TunnelService.punch)."""
         while True:
             await asyncio.sleep(1.0)
+            peers = [p for p in self.mesh.peers if p.connected and p.announcement.data_quic]
             self.tunnels.punch([PeerDataAddrs(node_id=p.announcement.node_id, quic=list(p.announcement.data_quic))
-                                for p in self.mesh.peers if p.connected and p.announcement.data_quic])
+                                for p in peers], [h for p in peers for h, _ in p.announcement.public_addrs])
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
         ann = peer.announcement

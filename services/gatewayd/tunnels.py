@@ -37,6 +37,7 @@ from common.identity import AuthError, NodeIdentity, node_id_of_cert
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 from common.nat.candidates import gather
 from common.nat.reach import EndpointReach, race_dial
+from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
 
 log = logging.getLogger("mesh.tunnels")
@@ -474,7 +475,7 @@ class TunnelService:
                  local_target: Callable[[str], Target | None],
                  allow: Callable[[str, str], str | None | Awaitable[str | None]] | None = None,
                  bind_host: str = "0.0.0.0", tcp_port: int = 0, quic_port: int = 0, prefer: str = "auto",
-                 stun: list[str] | None = None):
+                 stun: list[str] | None = None, relays: list[str] | None = None):
         if prefer not in ("auto", "tcp", "quic"):
             raise ValueError(f"prefer must be auto, tcp or quic, not {prefer!r}")
         self.identity = identity
@@ -486,6 +487,9 @@ class TunnelService:
         self.quic_port = quic_port
         self.stun = list(stun or [])
         self.reach: EndpointReach | None = None
+        self.relay_urls = list(relays or [])
+        self.relays: list = []   # TURN allocations on the QUIC lane's socket
+        self.relay_failures: list[tuple[str, str]] = []
         self.prefer = prefer
         self._stats: dict[str, _PeerStats] = {}
         self._lane: dict[str, str] = {}
@@ -539,17 +543,31 @@ class TunnelService:
         quic_port = self._quic.local_address[1]
         hosts = _announce_hosts(self.bind_host)
         quic = gather([(h, quic_port) for h in hosts], self.reach.nat.public, self.reach.nat.behaviour)
+        self.relays, self.relay_failures = await open_relays(self._quic, self.relay_urls)
+        quic += [a.relayed for a in self.relays if a.relayed is not None]
         return [(h, tcp_port) for h in hosts], quic
 
-    def punch(self, peers: list[PeerDataAddrs]) -> None:
+    def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None) -> None:
         """Connectivity checks toward the QUIC candidates of peers we hold no QUIC connection to:
         our NAT opens toward them while theirs opens toward us (they do the same)."""
         if self.reach is None:
             return
         targets = sorted({(h, int(p)) for peer in peers for h, p in peer.quic
-                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed})
+                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed
+                          or c.path_kind == "relayed"})
         if targets:
             self._spawn(self.reach.check_all(targets))
+        if self.relays:
+            ips = sorted({h for peer in peers for h, _ in peer.quic} | set(public_ips or [])
+                         | {a.relayed[0] for a in self.relays if a.relayed})
+            for allocation in self.relays:
+                allocation.permit([ip for ip in ips if not ip.startswith("127.")])
+            socket_path = self._quic.socket_path if self._quic is not None else None
+            for connection in list(self._quic_connections.values()):
+                if (connection.dialed and connection.path_kind == "relayed" and not connection.is_closed
+                        and socket_path is not None and self.reach.answered(connection.remote_address)):
+                    log.info("QUIC lane to %s: relayed -> direct", connection.peer_node_id[:8])
+                    connection.use_path(socket_path)
 
     async def close(self) -> None:
         self._closing = True
@@ -559,6 +577,8 @@ class TunnelService:
             splice.close(abort=True)
         for task in list(self._tasks):
             task.cancel()
+        for allocation in self.relays:
+            await allocation.close()
         if self._tcp_listener is not None:
             _stop_accepting(self._tcp_listener)
             self._tcp_listener = None
@@ -573,6 +593,7 @@ class TunnelService:
             rtt = connection.rtt() if connection is not None and not connection.is_closed else None
             out[node_id] = {"node_id": node_id, "lane": s.lane, "bytes_in": s.bytes_in,
                             "path": "" if connection is None or connection.is_closed else connection.path_kind,
+                            "remote": None if connection is None or connection.is_closed else connection.remote_address,
                             "bytes_out": s.bytes_out, "streams": s.streams, "open_streams": s.streams,
                             "last_error": s.last_error,
                             "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}
@@ -739,7 +760,7 @@ class TunnelService:
             await self.reach.check_all([tuple(a) for a in peer.quic], timeout=0.5)  # punch, and learn what answers
             try:
                 connection = await race_dial(self._quic, self.reach, peer.node_id, list(peer.quic),
-                                             timeout=SETUP_TIMEOUT)
+                                             timeout=SETUP_TIMEOUT, relays=self.relays)
             except ConnectionError as exc:
                 raise ConnectionError(f"QUIC: {exc}") from None
             self._adopt_quic_connection(connection)

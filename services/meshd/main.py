@@ -33,7 +33,9 @@ from common.tokens import (InviteToken, TokenError, admission_proof, check_admis
                            new_mesh_id, new_secret)
 from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
                                    rotation_verdict, sign_announcement, sign_rotation)
-from services.meshd.reach import announcement_fields, my_candidates, peer_path, punch_forever, stun_errors
+from common.nat.turn import open_relays, relay_states
+from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
+                                  punch_forever, relay_candidates, stun_errors)
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -79,6 +81,8 @@ class Meshd:
         self.endpoint = QuicEndpoint(self.identity, alpn=ALPN, host=settings.bind_host, port=settings.bind_port,
                                      authorize=self.authorize, on_connection=self.on_inbound)
         self.reach = EndpointReach(self.endpoint)  # STUN and hole punching on the same socket
+        self.relays: list = []          # TURN allocations on that socket
+        self.relay_failures: list[tuple[str, str]] = []
         self.links: dict[str, list[Link]] = {}
         self.view: dict[str, Announcement] = {}
         self.gossip_memory = GossipMemory()
@@ -146,7 +150,7 @@ class Meshd:
 
     async def dial(self, node_id: str | None, addrs: list, secret: MeshSecret) -> QuicPeerConnection:
         """Dial every candidate address (staggered, checked ones first); the first that authenticates wins."""
-        conn = await race_dial(self.endpoint, self.reach, node_id, addrs, self.claims_for(secret))
+        conn = await race_dial(self.endpoint, self.reach, node_id, addrs, self.claims_for(secret), relays=self.relays)
         reader, writer = await conn.open_stream()
         asyncio.ensure_future(self.run_link(conn, reader, writer))
         return conn
@@ -221,7 +225,7 @@ class Meshd:
             rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
-        fields.update(announcement_fields(self.reach.nat))
+        fields.update(announcement_fields(self.reach.nat, self.relays))
         mesh_id = self.secret.mesh_id
         if self._my_announcement is None or self._signed_for != mesh_id or \
                 self._my_announcement.model_dump(exclude={"seq", "kind", "sig", "public_key"}) != fields:
@@ -294,8 +298,17 @@ class Meshd:
                 dialing[node_id] = asyncio.ensure_future(self.redial(node_id, list(addrs), failures))
 
     def unconnected_addrs(self) -> list[list]:
-        """Candidates of the members we know of and hold no connection to (for hole punching)."""
-        return [a.mesh_addrs for nid, a in self.view.items() if nid not in self.links and nid != self.me_id]
+        """Candidates of the members we know of and hold no direct connection to (for hole punching)."""
+        return [a.mesh_addrs for nid, a in self.view.items() if nid != self.me_id and
+                all(link.conn.path_kind == "relayed" for link in self.links.get(nid, []))]
+
+    async def relay_upkeep_forever(self) -> None:
+        """Permissions for every member on our relays; relayed connections move to direct paths."""
+        while self.relays:
+            for allocation in self.relays:
+                allocation.permit(permitted_ips(list(self.view.values()), self.relays))
+            migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach)
+            await asyncio.sleep(1.0)
 
     async def redial(self, node_id: str, addrs: list, failures: int) -> None:
         try:
@@ -373,6 +386,7 @@ class Meshd:
 
     def current_state(self) -> MeshState:
         peers = []
+        relays = relay_states(self.relays, self.relay_failures)
         for node_id, ann in sorted(self.view.items()):
             links = self.links.get(node_id, [])
             rtt = next((l.conn.rtt() for l in links if l.conn.rtt() is not None), None)
@@ -382,8 +396,9 @@ class Meshd:
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
                                   last_heard=self.last_heard.get(node_id, 0.0), status=status, path=path))
         return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
-                         me=self.announcement(), peers=peers, errors=self.errors + stun_errors(self.reach.nat), settled=self.settled(),
-                         gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat))
+                         me=self.announcement(), peers=peers, errors=self.errors + stun_errors(self.reach.nat) +
+                         [f"relay {r.relay}: {r.error}" for r in relays if r.error], settled=self.settled(),
+                         gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat), relays=relays)
 
     def settled(self) -> bool:
         """Every member known from before this start is connected again or was tried once (or time ran out)."""
@@ -411,6 +426,8 @@ class Meshd:
         host, port = await self.endpoint.start()
         await self.reach.discover(self.settings.stun)  # a few seconds at most, even if no server answers
         self.listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
+        self.relays, self.relay_failures = await open_relays(self.endpoint, self.settings.relay)
+        self.listen += relay_candidates(self.relays)
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
         log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()
@@ -428,6 +445,7 @@ class Meshd:
         tasks.spawn("heartbeat", self.heartbeat_forever())
         tasks.spawn("connect", self.connect_forever())
         tasks.spawn("punch", punch_forever(self.reach, self.unconnected_addrs))
+        tasks.spawn("relay-upkeep", self.relay_upkeep_forever())
         for token in self.settings.join:
             asyncio.ensure_future(self.join(token))
         failure = await tasks.run_until(stopping)

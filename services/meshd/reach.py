@@ -18,6 +18,7 @@ from typing import Callable
 from common.messages import Announcement, PeerPath
 from common.nat.candidates import behind_nat, gather, path_kind
 from common.nat.reach import EndpointReach, NatState
+from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
 
 log = logging.getLogger("meshd")
@@ -33,10 +34,36 @@ def my_candidates(host_addrs: list[tuple[str, int]], state: NatState) -> list[tu
     return gather(host_addrs, state.public, state.behaviour)
 
 
-def announcement_fields(state: NatState) -> dict:
-    """What the announcement says about our reach (`nat`, `public_addrs`)."""
-    public = [state.public] if state.public is not None and state.behaviour != "symmetric" else []
-    return {"nat": state.behaviour if state.servers else "", "public_addrs": public}
+def announcement_fields(state: NatState, relays: list[TurnAllocation]) -> dict:
+    """What the announcement says about our reach (`nat`, `public_addrs`, `relay_addrs`)."""
+    # Even a symmetric NAT's mapping is announced: not to be dialed (mesh_addrs leaves it out), but its
+    # IP is the one a member's relay must let in.
+    public = [state.public] if state.public is not None else []
+    return {"nat": state.behaviour if state.servers else "", "public_addrs": public,
+            "relay_addrs": [a.relayed for a in relays if a.relayed is not None]}
+
+
+def relay_candidates(relays: list[TurnAllocation]) -> list[tuple[str, int]]:
+    return [a.relayed for a in relays if a.relayed is not None]
+
+
+def permitted_ips(announcements: list[Announcement], relays: list[TurnAllocation]) -> list[str]:
+    """Whom our relayed addresses let in: every member's candidate IPs, and the relays' own relayed
+    IPs (a member that is itself relayed reaches us from its allocation there)."""
+    ips = {h for ann in announcements for h, _ in [*ann.mesh_addrs, *ann.data_quic, *ann.public_addrs]}
+    ips |= {a.relayed[0] for a in relays if a.relayed is not None}
+    return sorted(ip for ip in ips if not ip.startswith("127."))  # a relay never reaches our loopback
+
+
+def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach) -> None:
+    """A connection we dialed through a relay moves to the direct path as soon as a connectivity
+    check to the same peer address answers on our own socket (QUIC validates the new path)."""
+    socket_path = reach.endpoint.socket_path
+    for conn in conns:
+        if conn.dialed and conn.path_kind == "relayed" and not conn.is_closed and socket_path is not None:
+            if reach.answered(conn.remote_address) is not None:
+                log.info("path to %s: relayed -> direct (a check through the NAT answered)", conn.peer_node_id[:8])
+                conn.use_path(socket_path)
 
 
 async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[list]]) -> None:
@@ -51,9 +78,14 @@ async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[lis
 def peer_path(conn: QuicPeerConnection, ann: Announcement | None, my_nat: NatState) -> PeerPath:
     public = {tuple(a) for a in ann.public_addrs} if ann is not None else set()
     host_addrs = [tuple(a) for a in ann.mesh_addrs if tuple(a) not in public] if ann is not None else []
+    via_peer_relay = ann is not None and tuple(conn.remote_address) in {tuple(a) for a in ann.relay_addrs}
     kind = path_kind(conn.remote_address, host_addrs, behind_nat(ann.nat) if ann is not None else False,
-                     behind_nat(my_nat.behaviour), conn.path_kind == "relayed")
+                     behind_nat(my_nat.behaviour), conn.path_kind == "relayed" or via_peer_relay)
     rtt = conn.rtt()
-    via = conn.path.label if conn.path_kind == "relayed" else f"{conn.remote_address[0]}:{conn.remote_address[1]}"
+    via = f"{conn.remote_address[0]}:{conn.remote_address[1]}"
+    if conn.path_kind == "relayed":
+        via = f"relay {conn.path.label}"
+    elif via_peer_relay:
+        via = f"the peer's relay address {via}"
     return PeerPath(path=kind, via=via, rtt_ms=None if rtt is None else round(rtt * 1000, 3),
                     bytes_sent=conn.bytes_sent, bytes_received=conn.bytes_received)

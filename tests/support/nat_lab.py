@@ -14,6 +14,7 @@ from tests.support.procs import kill_process_tree, wait_until
 
 PUBLIC_PREFIX = "203.0.113"
 STUN_IP = f"{PUBLIC_PREFIX}.3"
+STUN2_IP = f"{PUBLIC_PREFIX}.4"
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -127,8 +128,9 @@ table inet fw {{
         """Real coturn on `listen_ip:port`; STUN always, TURN with long-term credentials when `user`."""
         args = ["ip", "netns", "exec", ns, "turnserver", "-n", "--listening-ip", listen_ip, "--relay-ip", listen_ip,
                 "-p", str(port), "--no-tls", "--no-dtls", "--no-cli", "--simple-log",
-                "--log-file", str(log_dir / f"coturn-{port}.log"), "--pidfile", str(log_dir / f"coturn-{port}.pid"),
-                "--min-port", "49152", "--max-port", "49999", "--realm", "mesh.test"]
+                "--log-file", str(log_dir / f"coturn-{listen_ip}-{port}.log"),
+                "--pidfile", str(log_dir / f"coturn-{listen_ip}-{port}.pid"),
+                "--min-port", "49152", "--max-port", "49999", "--realm", "mesh.test", "-v"]
         args += ["--lt-cred-mech", "--user", user] if user else ["--stun-only"]
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(proc)

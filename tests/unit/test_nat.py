@@ -89,3 +89,22 @@ def test_parse_host_port(text, expected) -> None:
 def test_parse_host_port_rejects(text) -> None:
     with pytest.raises(ValueError):
         parse_host_port(text)
+
+
+def test_relay_urls_parse_and_bad_ones_say_why_without_the_password() -> None:
+    from common.nat.turn import parse_relay_url, redact
+    assert parse_relay_url("turn:mesh:pw@relay.example:3478") == ("mesh", "pw", "relay.example", 3478)
+    assert parse_relay_url("turn://mesh:p@ss@10.0.0.1") == ("mesh", "p@ss", "10.0.0.1", 3478)
+    for bad in ("relay.example:3478", "turn:mesh@relay:3478", "turn:mesh:topsecret@relay:x", "stun:a:b@c"):
+        with pytest.raises(ValueError) as info:
+            parse_relay_url(bad)
+        assert "topsecret" not in str(info.value) and "turn:USER:PASSWORD@HOST:PORT" in str(info.value)
+    assert redact("turn:mesh:topsecret@relay:3478") == "turn:mesh:***@relay:3478"
+
+
+def test_channel_data_framing() -> None:
+    from common.nat.turn import channel_data, parse_channel_data
+    framed = channel_data(0x4001, b"quic bytes")
+    assert parse_channel_data(framed) == (0x4001, b"quic bytes")
+    assert parse_channel_data(framed[:-1]) is None                # truncated
+    assert parse_channel_data(b"\xc0" + framed[1:]) is None       # a QUIC long header, not a channel

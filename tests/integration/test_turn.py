@@ -1,0 +1,90 @@
+"""The TURN client against a real coturn on loopback: credentials, a QUIC connection through the
+relay (both directions), and the move from the relayed path to the direct one without a new
+connection."""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+
+import pytest
+
+from common.identity import NodeIdentity
+from common.nat.reach import EndpointReach
+from common.nat.turn import TurnError, open_allocation
+from common.quic import QuicEndpoint
+from tests.support.procs import free_port, kill_process_tree, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def coturn(tmp_path):
+    if shutil.which("turnserver") is None:
+        pytest.skip("needs coturn (apt-get install -y coturn)")
+    port = free_port()
+    proc = subprocess.Popen(["turnserver", "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
+                             "-p", str(port), "--allow-loopback-peers", "--lt-cred-mech", "--user", "mesh:pw",
+                             "--realm", "mesh.test", "--no-tls", "--no-dtls", "--no-cli", "--log-file",
+                             str(tmp_path / "coturn.log"), "--pidfile", str(tmp_path / "coturn.pid")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: f"127.0.0.1:{port}" in subprocess.run(["ss", "-Hlun"], capture_output=True,
+                                                                 text=True).stdout, timeout=20, what="coturn")
+        yield port
+    finally:
+        kill_process_tree(proc, grace=2)
+
+
+async def echo(reader, writer):
+    while data := await reader.read(1 << 20):
+        writer.write(data)
+        await writer.drain()
+    writer.write_eof()
+
+
+async def exchange(connection, payload: bytes) -> bytes:
+    reader, writer = await connection.open_stream()
+    writer.write(payload)
+    writer.write_eof()
+    return await asyncio.wait_for(reader.read(), 30)
+
+
+def test_quic_through_the_relay_then_direct(coturn, tmp_path):
+    a, b = NodeIdentity.load_or_create(tmp_path / "a"), NodeIdentity.load_or_create(tmp_path / "b")
+
+    async def main():
+        serve = lambda c: setattr(c, "on_stream", echo)  # noqa: E731
+        ea = QuicEndpoint(a, alpn="t/1", host="127.0.0.1", on_connection=serve)
+        eb = QuicEndpoint(b, alpn="t/1", host="127.0.0.1", on_connection=serve)
+        await ea.start()
+        addr_b = await eb.start()
+        EndpointReach(ea), EndpointReach(eb)
+        try:
+            with pytest.raises(TurnError, match="refused the credentials"):
+                await open_allocation(ea, f"turn:mesh:wrong@127.0.0.1:{coturn}")
+            relay = await open_allocation(ea, f"turn:mesh:pw@127.0.0.1:{coturn}")
+            assert relay.relayed[0] == "127.0.0.1" and relay.relayed[1] != coturn
+
+            relayed = await ea.dial(addr_b, expected_node_id=b.node_id, path=relay)
+            assert relayed.path_kind == "relayed"
+            payload = b"through the relay " * 20000
+            assert await exchange(relayed, payload) == payload
+            assert relay.bytes_out > len(payload) and relay.bytes_in > 0
+            seen_by_b = next(c for c in eb.connections if c.peer_node_id == a.node_id)
+            assert tuple(seen_by_b.remote_address) == relay.relayed  # b only ever sees the relay
+
+            inbound = await eb.dial(relay.relayed, expected_node_id=a.node_id)  # b dials a's relayed address
+            assert await exchange(inbound, b"hello") == b"hello"
+
+            before = relay.bytes_out
+            relayed.use_path(ea.socket_path)  # a punch succeeded: same connection, direct path
+            assert await exchange(relayed, b"direct now" * 1000) == b"direct now" * 1000
+            assert relay.bytes_out - before < 2000  # at most what was in flight at the switch
+            assert tuple(seen_by_b.remote_address) == ea.local_address  # b follows the migration
+            await relay.close()
+        finally:
+            await ea.close()
+            await eb.close()
+
+    asyncio.run(main())
