@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                                                            for k, v in runs[lib][-1].items()), flush=True)
     summary = {lib: {k: (statistics.median(r[k] for r in rs) if isinstance(rs[0][k], float) else rs[0][k])
                      for k in rs[0]} for lib, rs in runs.items()}
-    print(f"\n| library | handshake ms | bulk MB/s | ping-pong 64 B us | 4 KB round trip us |\n| --- | --- | --- | --- | --- |")
+    print("\n| library | handshake ms | bulk MB/s | ping-pong 64 B us | 4 KB round trip us |\n| --- | --- | --- | --- | --- |")
     for lib, s in summary.items():
         print(f"| {lib} {s['version']} | {s['handshake_ms']:.1f} | {s['bulk_MBps']:.1f} | {s['pingpong_us']:.0f} | "
               f"{s['rpc4k_us']:.0f} |")
