@@ -211,7 +211,7 @@ class Meshd:
             rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
-        fields.update(announcement_fields(self.reach.nat, self.relays))
+        fields.update(announcement_fields(self.reach.nat, self.relays, self.gateway.relays))
         if self._my_announcement is None or self._my_announcement.model_dump(exclude={"seq", "kind"}) != fields:
             self.seq = max(self.seq + 1, time.time_ns())
             self._my_announcement = Announcement(seq=self.seq, **fields)
