@@ -225,7 +225,7 @@ class Meshd:
             rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
-        fields.update(announcement_fields(self.reach.nat, self.relays))
+        fields.update(announcement_fields(self.reach.nat, self.relays, self.gateway.relays))
         mesh_id = self.secret.mesh_id
         if self._my_announcement is None or self._signed_for != mesh_id or \
                 self._my_announcement.model_dump(exclude={"seq", "kind", "sig", "public_key"}) != fields:
@@ -304,7 +304,7 @@ class Meshd:
 
     async def relay_upkeep_forever(self) -> None:
         """Permissions for every member on our relays; relayed connections move to direct paths."""
-        while self.relays:
+        while True:  # a supervised loop: returning would count as a failure
             for allocation in self.relays:
                 allocation.permit(permitted_ips(list(self.view.values()), self.relays))
             migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach)

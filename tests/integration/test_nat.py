@@ -252,3 +252,47 @@ def test_a_public_host_that_drops_unsolicited_inbound_joins_outbound_and_serves(
     finally:
         for n in (f, p):
             n.stop()
+
+
+def test_split_with_a_host_behind_a_symmetric_nat_serves_through_the_relay(tmp_path):
+    why = nat_lab.available()
+    if why:
+        pytest.skip(why)
+    lab = nat_lab.NatLab()
+    nodes: list[Node] = []
+    try:
+        relay_site = lab.public_site("turn", 3)
+        lab.start_coturn(relay_site.ns, 3478, tmp_path, user=f"{TURN_USER}:{TURN_PASS}")
+        lab.start_coturn(lab.public_site("stun2", 4).ns, 3478, tmp_path, listen_ip=nat_lab.STUN2_IP)
+        env = STUN_ENV | {"MESH_RELAY": f"turn:{TURN_USER}:{TURN_PASS}@{nat_lab.STUN_IP}:3478"}
+        public = lab.public_site("pub", 2)
+        home_a, home_s = lab.home_site("a", 1), lab.home_site("s", 2, symmetric=True)
+        p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
+        a = Node(tmp_path / "a", netns=home_a.ns, extra=["--split", "--max-vram", "8G"], env=env)
+        s = Node(tmp_path / "s", netns=home_s.ns, extra=["--split", "--max-vram", "4G"], env=env)
+        nodes = [s, a, p]
+        p.start()
+        token = p.token()
+        started = time.monotonic()
+        a.start("--join", token)
+        s.start("--join", token)
+        ids = {a.node_id(), s.node_id()}
+        wait_until(lambda: {m["node_id"] for m in a.status().get("electd", {}).get("members", [])} == ids
+                   and a.runner().get("llama", {}).get("state") == "ready", timeout=300, interval=1.0,
+                   what="the split through the relay serving")
+        speed = wait_until(lambda: decode_tok_s(a), timeout=120, interval=1.0, what="an answer at the host")
+        served_at = time.monotonic() - started
+        speed = max(speed, *(decode_tok_s(a) or 0 for _ in range(2)))
+        print(f"nat: join -> split serving through the relay in {served_at:.1f} s; decode {speed:.1f} tok/s")
+        assert wait_until(lambda: decode_tok_s(s, 8), timeout=120, interval=1.0, what="the relayed worker answering")
+        assert path_of(a, s) == "relayed" and path_of(s, a) == "relayed"
+        tunnel = next(t for t in a.status()["gatewayd"]["tunnels"] if t["node_id"] == s.node_id())
+        assert tunnel["lane"] == "quic" and tunnel["path"] == "relayed" and tunnel["bytes_out"] > 0, tunnel
+        weights = {w["node_id"]: w for w in a.runner().get("weights", [])}
+        assert weights[s.node_id()]["sent_bytes"] == 0, weights
+        carried = sum(r["bytes_out"] + r["bytes_in"] for n in (a, s) for r in n.status()["gatewayd"]["relays"])
+        print(f"nat: the data lanes' relays carried {carried} bytes")
+    finally:
+        for n in nodes:
+            n.stop()
+        lab.close()
