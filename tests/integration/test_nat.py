@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import Node
 from tests.support import nat_lab
@@ -79,7 +80,9 @@ def test_two_homes_behind_cone_nats_get_a_punched_path(lab, tmp_path):
         assert b_to_a["via"].startswith(home_a.public_ip + ":"), b_to_a  # through A's NAT, not a relay
         assert path_of(a, p) == "direct" and path_of(p, a) == "direct"  # the restricted side dialed out
         metrics = http_get(a, "/metrics")
-        assert f'mesh_peer_path{{peer="{b.node_id()}",path="punched"}} 1' in metrics, metrics
+        paths = {(s.labels["peer"], s.labels["path"]): s.value for f in text_string_to_metric_families(metrics)
+                 for s in f.samples if s.name == "mesh_peer_path"}
+        assert paths.get((b.node_id(), "punched")) == 1, metrics
         api_view = json.loads(http_get(b, "/mesh/status"))["mesh"]["peers"]
         assert {q["announcement"]["node_id"]: q["path"]["path"] for q in api_view if q["path"]}[a.node_id()] == "punched"
     finally:
