@@ -1,7 +1,7 @@
 """A bounded flood of QUIC handshakes from a stranger at a node's mesh port, while a member joins.
 
 Strangers complete the TLS handshake (anyone can) and then never answer the admission challenge, so
-each holds one of the endpoint's MAX_UNAUTHENTICATED slots (common/quic.py) until it is closed. The
+each holds one of the endpoint's MAX_UNAUTHENTICATED slots (common/quic/limits.py) until it is closed. The
 cap bounds what they cost, and a member's join still gets through (here: the slots are full when it
 dials, and free again within seconds). Not covered yet: address validation (QUIC Retry) and a
 per-source cap, so a stranger that keeps every slot filled can delay joins by up to the
@@ -17,7 +17,7 @@ import pytest
 from aioquic.asyncio import connect
 from aioquic.quic.configuration import QuicConfiguration
 
-from common.quic import MAX_UNAUTHENTICATED
+from common.quic.limits import MAX_UNAUTHENTICATED
 from services.meshd.main import ALPN
 from tests.integration.harness import Node, meshctl
 from tests.support.procs import wait_until
