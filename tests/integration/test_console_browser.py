@@ -21,6 +21,7 @@ import pytest
 
 from common.default_model import default_model_path
 from common.gguf_info import inspect_gguf
+from common.local_keys import read_llama_key
 from tests.integration.harness import Node, meshctl
 from tests.support.hub_standin import HubFile, HubRepo, HubStandIn
 from tests.support.procs import free_port, kill_process_tree, wait_until
@@ -246,8 +247,9 @@ def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
     stopped_at = text(browser, reply)
     # The host's llama-server stops generating (its slot goes idle) — not just the page.
     llama_port = world["a"].runner()["llama"]["port"]
+    llama_key = {"Authorization": f"Bearer {read_llama_key(world['a'].home)}"}  # llama-server has runnerd's key
     wait_until(lambda: not any(s.get("is_processing") for s in
-                               httpx.get(f"http://127.0.0.1:{llama_port}/slots", timeout=5).json()),
+                               httpx.get(f"http://127.0.0.1:{llama_port}/slots", headers=llama_key, timeout=5).json()),
                timeout=15, what="llama-server's slot to go idle after stop")
     assert text(browser, reply) == stopped_at
     assert "tok/s" in text(browser, ".message.assistant .stats")
@@ -266,8 +268,8 @@ def test_bad_model_paths_are_refused_and_change_nothing(world, browser):
     tab(browser, "models")
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#local-models tr[data-file="notes.gguf"]'), timeout=20,
                what="the local models listed")
-    gemma_row = text(browser, f'#local-models tr[data-file="{default_model_path().name}"]')
-    assert "gemma3" in gemma_row and "MB" in gemma_row
+    default_row = text(browser, f'#local-models tr[data-file="{default_model_path().name}"]')
+    assert inspect_gguf(default_model_path()).arch in default_row and "MB" in default_row
     assert "not a GGUF" in text(browser, '#local-models tr[data-file="notes.gguf"]')
     for path, reason in (("/etc/hostname", "not a GGUF file"), (str(world["root"] / "missing.gguf"), "does not exist"),
                          ("", "enter the path"), (str(world["root"]), "not a file")):
