@@ -20,6 +20,7 @@ from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
 from common.nat.candidates import dial_order
+from common.nat.transactions import answered_with_retransmits
 from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
 log = logging.getLogger("mesh.nat")
@@ -91,19 +92,10 @@ class EndpointReach:
         transaction_id, request = stun.binding_request()
         future = loop.create_future()
         self._pending[transaction_id] = (future, time.monotonic())
-        start = loop.time()
         try:
-            for at in RETRANSMIT_AT_S:
-                if at >= timeout:
-                    break
-                wait = at - (loop.time() - start)
-                if wait > 0:
-                    done, _ = await asyncio.wait({future}, timeout=wait)
-                    if done:
-                        return future.result()
-                self._send(request, addr)
-            done, _ = await asyncio.wait({future}, timeout=max(timeout - (loop.time() - start), 0.0))
-            return future.result() if done else None
+            answered = await answered_with_retransmits(future, lambda: self._send(request, addr), RETRANSMIT_AT_S,
+                                                       timeout)
+            return future.result() if answered else None
         finally:
             self._pending.pop(transaction_id, None)
             if not future.done():

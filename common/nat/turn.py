@@ -25,6 +25,8 @@ from typing import Callable
 from aioice import stun
 from aioice.turn import make_integrity_key
 
+from common.nat.transactions import answered_with_retransmits
+
 log = logging.getLogger("mesh.nat")
 
 ALLOCATE_TIMEOUT_S = 3.0
@@ -163,19 +165,9 @@ class TurnAllocation:
         future = loop.create_future()
         self._pending[message.transaction_id] = future
         data = bytes(message)
-        start = loop.time()
         try:
-            for at in REQUEST_RETRANSMITS:
-                if at >= timeout:
-                    break
-                wait = at - (loop.time() - start)
-                if wait > 0:
-                    done, _ = await asyncio.wait({future}, timeout=wait)
-                    if done:
-                        return future.result()
-                self._send_raw(data, self.server)
-            done, _ = await asyncio.wait({future}, timeout=max(timeout - (loop.time() - start), 0.0))
-            if done:
+            if await answered_with_retransmits(future, lambda: self._send_raw(data, self.server), REQUEST_RETRANSMITS,
+                                               timeout):
                 return future.result()
             raise TurnError(f"relay {self.label} did not answer within {timeout:g} s; check its address and that "
                             f"UDP to it is allowed")
