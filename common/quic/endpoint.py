@@ -250,7 +250,6 @@ class QuicEndpoint:
         if sock is None:
             return
         recvfrom = sock.recvfrom
-        by_cid = self._by_cid
         relays = self.relay_servers
         socket_path = self.socket_path
         now = self._loop.time()
@@ -270,22 +269,7 @@ class QuicEndpoint:
                 for inner, peer_addr, path in relays[addr].unwrap(data):
                     self._route_quic(inner, peer_addr, path, now, touched)
                 continue
-            if data[0] < 4:  # STUN (RFC 7983); QUIC always sets the fixed bit 0x40
-                if self.on_stun is not None:
-                    self.on_stun(data, addr, socket_path)
-                continue
-            if data[0] & 0x80 == 0:  # short header: the destination CID follows the first byte
-                connection = by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])
-            else:
-                connection = self._route_long_header(data, addr, socket_path)
-            if connection is None:
-                continue
-            try:
-                connection._datagram_received(data, addr, now, socket_path)
-            except Exception:
-                log.exception("dropping a datagram aioquic could not handle")
-                continue
-            touched[connection] = None
+            self._route_quic(data, addr, socket_path, now, touched)
         if self._icmp_errors and (socket_error or not touched):
             self._drain_icmp_errors()
         for connection in touched:
@@ -297,14 +281,14 @@ class QuicEndpoint:
 
     def _route_quic(self, data: bytes, addr: tuple, path: DatagramPath, now: float,
                     touched: dict[QuicPeerConnection, None]) -> None:
-        """A QUIC datagram that came through `path` (a relay), not straight off the socket."""
+        """One datagram that came through `path` (the socket, or a relay that unwrapped it) to its connection."""
         if not data:
             return
-        if data[0] < 4:  # a peer's connectivity check (or its answer), relayed
+        if data[0] < 4:  # STUN (RFC 7983): a connectivity check or its answer; QUIC always sets the fixed bit 0x40
             if self.on_stun is not None:
                 self.on_stun(data, addr, path)
             return
-        if data[0] & 0x80 == 0:
+        if data[0] & 0x80 == 0:  # short header: the destination CID follows the first byte
             connection = self._by_cid.get(data[1:1 + CONNECTION_ID_LENGTH])
         else:
             connection = self._route_long_header(data, addr, path)
