@@ -103,7 +103,8 @@ class QuicPeerConnection:
         loss = self._quic._loss  # noqa: SLF001
         return loss._rtt_smoothed if loss._rtt_initialized else None  # noqa: SLF001
 
-    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    def _allocate_stream(self) -> int:
+        """A new locally opened stream id, on a live, authenticated connection."""
         if self.is_closed:
             raise ConnectionResetError(f"QUIC connection to {self._describe()} is closed: {self.close_reason}")
         if not self.authenticated:
@@ -111,16 +112,14 @@ class QuicPeerConnection:
         stream_id = self._quic.get_next_available_stream_id()
         # aioquic allocates the id only when data is first sent on it; an empty write does that.
         self._quic.send_stream_data(stream_id, b"")
-        return self._new_stream(stream_id)
+        return stream_id
+
+    async def open_stream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return self._new_stream(self._allocate_stream())
 
     def open_stream_transport(self, protocol: asyncio.BaseProtocol) -> QuicStreamTransport:
         """Open a stream driven by an asyncio protocol instead of a reader/writer pair."""
-        if self.is_closed:
-            raise ConnectionResetError(f"QUIC connection to {self._describe()} is closed: {self.close_reason}")
-        if not self.authenticated:
-            raise ConnectionError("QUIC connection is not authenticated yet")
-        stream_id = self._quic.get_next_available_stream_id()
-        self._quic.send_stream_data(stream_id, b"")
+        stream_id = self._allocate_stream()
         transport = QuicStreamTransport(self, stream_id, protocol)
         self._streams[stream_id] = transport
         protocol.connection_made(transport)
