@@ -92,6 +92,26 @@
   }
 
   // --- live view ------------------------------------------------------------------------------------
+  // The payload of every "data: " line of a server-sent event stream (the console's own and the chat's),
+  // then afterChunk once per chunk read.
+  async function readEventStream(response, onData, afterChunk) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) return;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n")) >= 0) {
+        const line = buffer.slice(0, cut).trim();
+        buffer = buffer.slice(cut + 1);
+        if (line.startsWith("data: ")) onData(line.slice(6));
+      }
+      if (afterChunk) afterChunk();
+    }
+  }
+
   let streamGeneration = 0;
   async function connect() {
     const generation = ++streamGeneration;
@@ -101,20 +121,7 @@
         if (response.status === 401) { showKeyPrompt(); setLive(false); return; }
         if (!response.ok) throw new Error("HTTP " + response.status);
         setLive(true);
-        const reader = response.body.getReader();
-        const decoder = new TextDecoder();
-        let buffer = "";
-        for (;;) {
-          const { value, done } = await reader.read();
-          if (done) break;
-          buffer += decoder.decode(value, { stream: true });
-          let cut;
-          while ((cut = buffer.indexOf("\n\n")) >= 0) {
-            const event = buffer.slice(0, cut);
-            buffer = buffer.slice(cut + 2);
-            if (event.startsWith("data: ")) render(JSON.parse(event.slice(6)));
-          }
-        }
+        await readEventStream(response, (data) => render(JSON.parse(data)));
       } catch (e) { /* reconnect below */ }
       setLive(false);
       await new Promise((r) => setTimeout(r, 1000));
@@ -420,33 +427,23 @@
         try { error = (await response.json()).error || error; } catch (e) { /* keep */ }
         throw new Error(error);
       }
-      const reader = response.body.getReader();
-      const decoder = new TextDecoder();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += decoder.decode(value, { stream: true });
-        let cut;
-        while ((cut = buffer.indexOf("\n")) >= 0) {
-          const line = buffer.slice(0, cut).trim();
-          buffer = buffer.slice(cut + 1);
-          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
-          let event;
-          try { event = JSON.parse(line.slice(6)); } catch (e) { continue; }
-          if (event.error) throw new Error(event.error.message || "the model failed");
-          const delta = event.choices && event.choices[0] && event.choices[0].delta;
-          if (delta && delta.content) {
-            if (first === null) first = performance.now();
-            tokens++;
-            reply.content += delta.content;
-          }
-          if (event.timings && event.timings.predicted_per_second) reply.serverRate = event.timings.predicted_per_second;
+      await readEventStream(response, (data) => {
+        if (data === "[DONE]") return;
+        let event;
+        try { event = JSON.parse(data); } catch (e) { return; }
+        if (event.error) throw new Error(event.error.message || "the model failed");
+        const delta = event.choices && event.choices[0] && event.choices[0].delta;
+        if (delta && delta.content) {
+          if (first === null) first = performance.now();
+          tokens++;
+          reply.content += delta.content;
         }
+        if (event.timings && event.timings.predicted_per_second) reply.serverRate = event.timings.predicted_per_second;
+      }, () => {
         const seconds = first === null ? 0 : (performance.now() - first) / 1000;
         reply.stats = `${tokens} tokens` + (seconds > 0.2 ? ` · ${(tokens / seconds).toFixed(1)} tok/s` : "");
         renderConversation();
-      }
+      });
     } catch (e) {
       if (e.name === "AbortError") stopped = true;
       else say("chat-msg", e.message, "error");
