@@ -5,8 +5,12 @@ own command line (the host keeps half of the layers and the output matrix). Thre
 same command line apart from `--rpc` and the speculation flags, same binaries, same run:
 
     stock      llama-server --rpc straight to the worker's rpc-server (through a delay relay with RTT)
-    mesh-off   through the mesh's data tunnel (gatewayd's TLS lane), speculation off
-    mesh       the same tunnel, speculation as `--speculative auto` chooses for that round trip
+    mesh-off   the mesh's path to the worker (--lane), speculation off
+    mesh       the same path, speculation as `--speculative auto` chooses for that round trip
+
+Lanes: rpc-tls (the default: llama.cpp's own mutual TLS, pinned to node ids, straight to the worker's
+rpc-server, what the host uses where the worker's address connects), tcp (gatewayd's tunnel, TLS
+over TCP: the fallback), quic (gatewayd's QUIC lane).
 
 Workloads on real text (bench/workloads.py): an agent-style edit that returns its input with one
 rename, and free text, greedy (temperature 0). At each RTT the three ways are up at once and take
@@ -41,6 +45,7 @@ from bench.paths import PATHS, Endpoints
 from bench.workloads import WORKLOADS
 from common.binaries import BinariesError, find_binaries
 from common.gguf_info import inspect_gguf
+from common.identity import NodeIdentity
 from common.messages import Plan, PlanMember
 from services.runnerd.commands import llama_server_args
 from services.runnerd.speculation import choose_speculation, draft_counts, speculation_args
@@ -97,10 +102,18 @@ class Setup:
         self.way = way
         info = inspect_gguf(model)
         mesh = way != "stock"
+        tls_env, tls_flags, pin = None, [], ""
+        if mesh and lane == "rpc-tls":
+            host_id, worker_id = (NodeIdentity.load_or_create(log_dir / "identities" / n) for n in (HOST, WORKER))
+            (allow := log_dir / "identities" / "rpc-allow").write_text(host_id.node_id + "\n")
+            tls_flags = ["--tls-cert", str(worker_id.cert_path), "--tls-key", str(worker_id.key_path), "--tls-allow",
+                         str(allow)]
+            tls_env = os.environ | {"GGML_RPC_TLS_CERT": str(host_id.cert_path), "GGML_RPC_TLS_KEY": str(host_id.key_path)}
+            pin = f"{worker_id.node_id}@"
         worker = start_rpc_server(bins, log_dir, name=f"rpc-{way}-{rtt_ms:g}", threads=threads,
-                                  gguf=model if mesh and bins.loads_local_weights else None)
+                                  gguf=model if mesh and bins.loads_local_weights else None, tls=tls_flags)
         stack.callback(worker.stop)
-        path = PATHS[("mesh" if lane == "tcp" else "mesh-quic") if mesh else "stock-direct"]
+        path = PATHS[{"tcp": "mesh", "quic": "mesh-quic"}.get(lane, "stock-direct") if mesh else "stock-direct"]
         endpoints: Endpoints = stack.enter_context(path.open([worker.address], rtt_ms))
         plan = Plan(state="split", host=HOST, key="bench", members=[PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5),
                                                                     PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5)])
@@ -112,11 +125,11 @@ class Setup:
         if spec:
             spec += list(spec_extra)
         port = free_port()
-        args = llama_server_args(bins, port, info, plan, HOST, {WORKER: endpoints[0][1]}, backend=_backend(),
+        args = llama_server_args(bins, port, info, plan, HOST, {WORKER: f"{pin}127.0.0.1:{endpoints[0][1]}"}, backend=_backend(),
                                  ctx_size=CTX_SIZE, threads=threads, speculation=spec)
         log_path = log_dir / f"llama-{way}-{rtt_ms:g}.log"
-        self.llama = ServerProcess(f"llama-{way}", popen_in_own_session(args, log_path=log_path), "127.0.0.1", port,
-                                   log_path)
+        self.llama = ServerProcess(f"llama-{way}", popen_in_own_session(args, log_path=log_path, env=tls_env),
+                                   "127.0.0.1", port, log_path)
         stack.callback(self.llama.stop)
         self.args = args
 
@@ -276,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads of every llama-server and rpc-server (runnerd's --threads; default llama.cpp's)")
     parser.add_argument("--spec-extra", default="", help="more llama-server flags for the mesh way when it "
                         "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
-    parser.add_argument("--lane", choices=("tcp", "quic"), default="tcp",
-                        help="the mesh's lane: tcp (TLS over TCP, the default between reachable nodes) or quic")
+    parser.add_argument("--lane", choices=("rpc-tls", "tcp", "quic"), default="rpc-tls",
+                        help="the mesh's path: rpc-tls (llama.cpp's own mutual TLS, direct: the default between "
+                             "reachable nodes), tcp (the tunnel's TLS lane, the fallback) or quic")
     parser.add_argument("--bin-dir", type=Path)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="product-latest", help="file name of the results (json, png)")

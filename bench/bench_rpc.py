@@ -260,7 +260,7 @@ class Bench:
                 stack.callback(worker.stop)
                 our_pids.append(worker.proc.pid)
                 endpoints = stack.enter_context(PATHS[result.path].open([worker.address], result.rtt_ms))
-                forwards[WORKER] = endpoints[0][1]
+                forwards[WORKER] = f"127.0.0.1:{endpoints[0][1]}"
                 meters = getattr(endpoints, "meters", [])
             plan = Plan(state="split" if forwards else "solo", host=HOST, members=members)
             port = free_port()

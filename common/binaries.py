@@ -21,6 +21,7 @@ class Binaries:
     loads_local_weights: bool  # our patch: rpc-server loads weights from its own GGUF (--gguf)
     has_fit: bool = False      # llama-server's --fit pass (on by default in builds since late 2025)
     backend: str = "cpu"       # what llama-server offloads to: cpu, cuda, metal, vulkan, rocm…
+    rpc_tls: bool = False      # our patch: mutual TLS on RPC (rpc-server --tls-*, NODEID@host:port endpoints)
 
 
 def _build_module():
@@ -63,8 +64,10 @@ def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False,
     if missing:
         raise BinariesError(f"{' and '.join(missing)} not found in {bin_dir}; build llama.cpp with -DGGML_RPC=ON "
                             f"or drop --bin-dir to use the project's own build")
-    return Binaries(rpc_server, llama_server, loads_local_weights=_help_mentions(rpc_server, "--gguf"),
-                    has_fit=_help_mentions(llama_server, "--fit "), backend=binaries_backend(llama_server))
+    rpc_help = _help_text(rpc_server)
+    return Binaries(rpc_server, llama_server, loads_local_weights="--gguf" in rpc_help,
+                    has_fit=_help_mentions(llama_server, "--fit "), backend=binaries_backend(llama_server),
+                    rpc_tls="--tls-allow" in rpc_help)
 
 
 # Device names llama.cpp's backends register (`llama-server --list-devices`), and library names
@@ -115,9 +118,13 @@ def binaries_backend(llama_server: Path) -> str:
         return "cpu"
 
 
-def _help_mentions(binary: Path, flag: str) -> bool:
+def _help_text(binary: Path) -> str:
     try:
         out = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return flag in out.stdout + out.stderr
+        return ""
+    return out.stdout + out.stderr
+
+
+def _help_mentions(binary: Path, flag: str) -> bool:
+    return flag in _help_text(binary)

@@ -66,6 +66,11 @@ class RunnerState(Message):
     model: ModelInfo | None = None
     rpc: ChildState = Field(default_factory=ChildState)
     rpc_loads_local_weights: bool = False
+    # The rpc-server speaks mutual TLS (pinned to node ids) on rpc_host: the plan's host dials one of
+    # rpc_tls directly, or reaches rpc_host through the tunnel. Empty: loopback only, without TLS.
+    rpc_tls: list[Address] = Field(default_factory=list)
+    rpc_host: str = "127.0.0.1"
+    rpc_paths: dict[str, str] = Field(default_factory=dict)  # as host: worker node id -> "direct HOST:PORT" or "tunnel"
     llama: ChildState = Field(default_factory=ChildState)
     llama_plan_key: str = ""
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
@@ -147,6 +152,7 @@ class Announcement(Message):
     model_fingerprint: str | None = None
     model_size: int = 0
     rpc_ready: bool = False
+    rpc_tls: list[Address] = Field(default_factory=list)  # its rpc-server, mutual TLS: only its plan's host may connect
     mesh_addrs: list[Address] = Field(default_factory=list)
     data_tcp: list[Address] = Field(default_factory=list)
     data_quic: list[Address] = Field(default_factory=list)

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         json_schema_extra=cli(metavar="HOST:PORT", default="interface addresses"))
     data_port: int = Field(0, ge=0, le=65535, description="fixed port of the data tunnels (TCP lane and QUIC lane)",
                            json_schema_extra=cli(metavar="PORT", default="any"))
+    rpc_port: int = Field(0, ge=0, le=65535, description="fixed TCP port of this worker's rpc-server on --bind-host "
+                                                         "(mutual TLS, only the plan's host; for port forwarding)",
+                          json_schema_extra=cli(metavar="PORT", default="any"))
+    advertise_rpc: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="address the host dials for this worker's rpc-server (e.g. a forwarded port)",
+        json_schema_extra=cli(metavar="HOST:PORT", default="interface addresses"))
     tensor_split: Annotated[list[float], NoDecode] | None = Field(None, description="manual split ratios, host first",
                                                                   json_schema_extra=cli(metavar="R,R", default="by memory"))
     split: bool = Field(False, description="split over every node with the model even when it fits one")
@@ -155,7 +161,7 @@ class Settings(BaseSettings):
     test_faults: bool = Field(False, description="for tests only: a file MESH_HOME/run/fault-SERVICE-TASK makes "
                               "that task of that service fail once (common/tasks.py)")
 
-    @field_validator("join", "advertise", "advertise_data", "stun", "relay", mode="before")
+    @field_validator("join", "advertise", "advertise_data", "advertise_rpc", "stun", "relay", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> list[str]:
         return split_list(value)

@@ -252,6 +252,13 @@ def run_with_progress(cmd: list[str], cwd: Path, log: Path, step: str = "") -> N
             raise SystemExit(f"error: llama.cpp build failed (exit {proc.returncode}); full log: {log}")
 
 
+def has_openssl_headers() -> bool:
+    """openssl/ssl.h where CMake's FindOpenSSL looks (OPENSSL_ROOT_DIR, the usual prefixes, Homebrew's)."""
+    roots = [os.environ.get("OPENSSL_ROOT_DIR", ""), "/usr", "/usr/local", "/opt/homebrew/opt/openssl@3",
+             "/usr/local/opt/openssl@3", "/opt/homebrew"]
+    return any(r and (Path(r) / "include" / "openssl" / "ssl.h").is_file() for r in roots)
+
+
 def build(backend: str | None = None, jobs: int | None = None) -> Path:
     backend = backend or detect_backend()
     out = bin_dir(backend)
@@ -260,6 +267,9 @@ def build(backend: str | None = None, jobs: int | None = None) -> Path:
     for tool in ("cmake", "git"):
         if not shutil.which(tool):
             raise SystemExit(f"error: `{tool}` is needed to build llama.cpp; install it (e.g. apt-get install {tool})")
+    if not has_openssl_headers():
+        raise SystemExit("error: OpenSSL headers are needed to build llama.cpp's RPC transport with TLS; install them "
+                         "(apt-get install libssl-dev, dnf install openssl-devel, brew install openssl@3)")
     work = out.parent
     work.mkdir(parents=True, exist_ok=True)
     with open(work / ".lock", "w") as lock:

@@ -207,8 +207,14 @@ def render_status(status: dict) -> str:
         lines.append(f"model: {model.get('name')} ({model.get('size_bytes', 0) / 1e6:.0f} MB, {model.get('n_layers')} layers,"
                      f" fingerprint {model.get('fingerprint', '')[:12]})")
     if "rpc" in runner:
-        lines.append(f"rpc-server: {runner['rpc']['state']} (port {runner['rpc'].get('port')})  "
+        tls = runner.get("rpc_tls") or []
+        where = (f"{runner.get('rpc_host')}:{runner['rpc'].get('port')}, mutual TLS, only the plan's host" if tls
+                 else f"port {runner['rpc'].get('port')}")
+        lines.append(f"rpc-server: {runner['rpc']['state']} ({where})  "
                      f"llama-server: {runner['llama']['state']} {runner['llama'].get('detail', '')}")
+    if runner.get("llama", {}).get("state") in ("starting", "ready"):
+        for worker, path in (runner.get("rpc_paths") or {}).items():
+            lines.append(f"rpc path to {worker[:8]}: {path}")
     spec = runner.get("speculation") or {}
     if spec.get("mode"):
         rate = spec.get("acceptance_rate")

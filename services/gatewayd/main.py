@@ -112,7 +112,8 @@ class Gatewayd:
             return None
         if kind == "http":
             return self.members_api  # our own API for members, which holds llama-server's key
-        return ("127.0.0.1", child.port)
+        # a TLS rpc-server (runnerd's rpc_tls) listens on the bind host; the host's TLS runs through the tunnel
+        return (self.runner.rpc_host if self.runner.rpc_tls else "127.0.0.1", child.port)
 
     async def allow_tunnel(self, dialer: str, kind: str) -> str | None:
         """RPC only from the host of our plan over a live link; HTTP from any member (it reaches the API only).

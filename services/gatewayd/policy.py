@@ -1,8 +1,10 @@
-"""Which member may open which tunnel to this node — pure functions.
+"""Which member may reach this node's rpc-server, and open which tunnel to this node — pure functions.
 
-A worker's ggml-rpc-server has no authentication of its own and can read and write the worker's
-memory through its commands, so only the host of this node's current plan may reach it, over a
-link meshd reports live. HTTP tunnels end at gatewayd's members' API, which any member may use.
+A worker's ggml-rpc-server can read and write the worker's memory through its commands, so only the
+host of this node's current plan may reach it, over a link meshd reports live: through a tunnel
+(gatewayd asks `rpc_refusal`) or directly, where the rpc-server's mutual TLS admits the node ids in
+its allow file (runnerd writes `rpc_allowed`). HTTP tunnels end at gatewayd's members' API, which
+any member may use.
 """
 from __future__ import annotations
 
@@ -24,3 +26,11 @@ def rpc_refusal(kind: str, plan: Plan, me: str, dialer: str, *, connected: bool)
     if not connected:
         return f"no live mesh link to the host {dialer[:8]}"
     return None
+
+
+def rpc_allowed(plan: Plan, me: str, connected: set[str]) -> list[str]:
+    """The node ids this node's rpc-server admits now (its TLS allow file): the same rule as the tunnels'."""
+    host = plan.host
+    if host and rpc_refusal("rpc", plan, me, host, connected=host in connected) is None:
+        return [host]
+    return []

@@ -222,7 +222,7 @@ class Meshd:
             node_id=self.me_id, role="client" if self.settings.client else "worker", version=VERSION,
             memory_bytes=self.runner.memory_bytes, model_name=model.name if model else None,
             model_fingerprint=model.fingerprint if model else None, model_size=model.size_bytes if model else 0,
-            rpc_ready=self.runner.rpc.state == "ready", mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
+            rpc_ready=self.runner.rpc.state == "ready", rpc_tls=self.runner.rpc_tls, mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",
             plan_key=self.runner.llama_plan_key)
         fields.update(announcement_fields(self.reach.nat, self.relays, self.gateway.relays))

@@ -34,8 +34,9 @@ def free_loopback_port() -> int:
 class Child:
     """One llama.cpp process with its output appended to a log file."""
 
-    def __init__(self, name: str, args: list[str], log_file: Path):
+    def __init__(self, name: str, args: list[str], log_file: Path, env: dict[str, str] | None = None):
         self.name, self.args, self.log_file = name, args, log_file
+        self.env = {**os.environ, **env} if env else None  # added to runnerd's own
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -44,7 +45,7 @@ class Child:
             out.write(f"\n=== starting: {' '.join(self.args)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent,
+                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
                                          # keep Python's SIGPIPE=ignore: a client that hangs up mid-reply
                                          # must be an error on that socket, not kill ggml-rpc-server
                                          restore_signals=False)

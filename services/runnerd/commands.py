@@ -1,6 +1,7 @@
 """Command lines for llama.cpp's processes — pure functions of the plan, so they are testable alone."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from common.binaries import Binaries
@@ -19,9 +20,20 @@ class NotReady(Exception):
     """The plan needs something that is not there yet (e.g. a tunnel); the message says what."""
 
 
+@dataclass(frozen=True)
+class RpcTls:
+    """This node's certificate and key (common.identity), and the file of node ids its rpc-server admits."""
+    cert: Path
+    key: Path
+    allow: Path
+
+
 def rpc_server_args(binaries: Binaries, port: int, model: ModelInfo, *, device: str | None,
-                    threads: int | None) -> list[str]:
-    args = [str(binaries.rpc_server), "--host", "127.0.0.1", "--port", str(port)]
+                    threads: int | None, host: str = "127.0.0.1", tls: RpcTls | None = None) -> list[str]:
+    """ggml-rpc-server: on loopback without TLS, or with `tls` on `host` (mutual TLS, pinned to node ids)."""
+    args = [str(binaries.rpc_server), "--host", host if tls else "127.0.0.1", "--port", str(port)]
+    if tls:
+        args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--tls-allow", str(tls.allow)]
     if device:
         args += ["--device", device]
     if threads:
@@ -31,12 +43,23 @@ def rpc_server_args(binaries: Binaries, port: int, model: ModelInfo, *, device: 
     return args
 
 
+def rpc_endpoint(worker: str, *, tls: bool, direct: tuple[str, int] | None, forward: int | None) -> str | None:
+    """The `--rpc` endpoint of one worker: its TLS rpc-server directly, else through the gateway's loopback
+    forward (TLS end to end when the worker's rpc-server speaks it), else None (no path yet).
+    `NODEID@` pins the server's node id (our patch): a TLS endpoint must be that worker and no other."""
+    if tls and direct:
+        return f"{worker}@{direct[0]}:{direct[1]}"
+    if forward:
+        return f"{worker}@127.0.0.1:{forward}" if tls else f"127.0.0.1:{forward}"
+    return None
+
+
 def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Plan, me: str,
-                      rpc_forwards: dict[str, int], *, backend: str, ctx_size: int,
+                      rpc_endpoints: dict[str, str], *, backend: str, ctx_size: int,
                       threads: int | None, speculation: list[str] = ()) -> list[str]:
-    """llama-server for this node as host of `plan`. Remote members are reached through the
-    gateway's loopback forwards; the host uses its own device directly, not its own rpc-server.
-    `speculation`: its flags (services/runnerd/speculation.py), the same solo or split."""
+    """llama-server for this node as host of `plan`. Remote members are reached at `rpc_endpoints`
+    (rpc_endpoint: direct TLS, or the gateway's loopback forwards); the host uses its own device
+    directly, not its own rpc-server. `speculation`: its flags (services/runnerd/speculation.py)."""
     # --metrics: runnerd reads the draft acceptance from it (loopback only, like the server itself).
     args = [str(binaries.llama_server), "--model", model.path, "--host", "127.0.0.1", "--port", str(port),
             "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation]
@@ -56,10 +79,10 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
     remote = [m for m in plan.members if m.node_id != me]
     if not remote:
         return args + ["--n-gpu-layers", "999"]
-    missing = [m.node_id[:8] for m in remote if m.node_id not in rpc_forwards]
+    missing = [m.node_id[:8] for m in remote if m.node_id not in rpc_endpoints]
     if missing:
         raise NotReady(f"waiting for tunnels to {', '.join(missing)}")
-    args += ["--rpc", ",".join(f"127.0.0.1:{rpc_forwards[m.node_id]}" for m in remote)]
+    args += ["--rpc", ",".join(rpc_endpoints[m.node_id] for m in remote)]
     my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
     remote_total = sum(m.ratio for m in remote) or 1.0
     if backend == "cpu":

@@ -1,8 +1,10 @@
 """runnerd: owns the llama.cpp processes of this node.
 
-It measures memory, inspects the GGUF, keeps `ggml-rpc-server` running on loopback whenever a
-model is set, and runs `llama-server` when the plan makes this node host — restarting it when the
-plan's serving set changes, and only then. Children that die are restarted; bad input (a missing
+It measures memory, inspects the GGUF, keeps `ggml-rpc-server` running whenever a model is set
+(on --bind-host with mutual TLS that admits only the plan's host, where the build has TLS; else on
+loopback), and runs `llama-server` when the plan makes this node host — restarting it when the
+plan's serving set changes, and only then. As host it dials a worker's TLS rpc-server directly
+where a quick connect check reaches it, else through gatewayd's tunnel. Children that die are restarted; bad input (a missing
 model, missing binaries) is reported in its state and log, and runnerd stays up to say so.
 """
 from __future__ import annotations
@@ -11,24 +13,28 @@ import asyncio
 import logging
 import re
 import signal
+import socket
 import time
 from typing import Callable
 
 import httpx
 
 from common import addresses, progress
+from common.addresses import advertised_addresses
+from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
-from common.messages import (ChildState, GatewayState, MeshState, Plan, Reply, RunnerState, SpeculationState,
-                             StatusRequest, WeightLoad)
+from common.messages import (Announcement, ChildState, GatewayState, MeshState, Plan, Reply, RunnerState,
+                             SpeculationState, StatusRequest, WeightLoad)
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
-from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
+from services.gatewayd.policy import rpc_allowed
+from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
 from services.runnerd.memory import detect_memory
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
 
@@ -37,6 +43,7 @@ RESTART_BACKOFF_S = (1, 2, 5, 10)
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 METRICS_EVERY_S = 5.0  # how often the draft acceptance is read from llama-server's /metrics
+DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
 
 
 class Runnerd:
@@ -55,6 +62,13 @@ class Runnerd:
         # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
         self.speculation: tuple[str, SpeculationChoice] | None = None
         self._plan_changed = asyncio.Event()
+        self.peers: dict[str, Announcement] = {}  # connected peers' announcements
+        self._rpc_tls: RpcTls | None = None
+        self.rpc_port: int | None = None  # the TLS rpc-server's port, kept across its restarts
+        # (plan key, worker, its announced TLS addresses) -> the one that connected, or None: checked once per plan
+        self.direct: dict[tuple[str, str, tuple], tuple[str, int] | None] = {}
+        self._check_direct = asyncio.Event()
+        self.wanted_paths: dict[str, str] = {}  # worker -> "direct HOST:PORT" | "tunnel", of the last desired spec
 
     def current_state(self) -> RunnerState:
         return self.state
@@ -110,21 +124,58 @@ class Runnerd:
 
     # --- ggml-rpc-server ---------------------------------------------------------------------------
 
+    def rpc_tls(self) -> RpcTls | None:
+        """The TLS files of both llama.cpp servers, where the build has TLS (None before the binaries are known)."""
+        if self._rpc_tls is None and self.binaries and self.binaries.rpc_tls:
+            home = self.settings.home
+            NodeIdentity.load_or_create(home)  # the same key and certificate meshd and gatewayd use
+            self._rpc_tls = RpcTls(cert=home / CERT_FILE, key=home / KEY_FILE, allow=addresses.run_dir(home) / "rpc-allow")
+        return self._rpc_tls
+
+    def write_rpc_allow(self) -> None:
+        """The TLS rpc-server's allow file: the plan's host over a live link, as the tunnels allow (re-read by the
+        rpc-server at each connection)."""
+        tls = self.rpc_tls()
+        if tls is None or not self.node_id:
+            return
+        text = "".join(f"{n}\n" for n in rpc_allowed(self.plan, self.node_id, set(self.peers)))
+        if not tls.allow.exists() or tls.allow.read_text() != text:
+            tmp = tls.allow.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(tls.allow)
+
+    def rpc_listen_port(self, host: str) -> int:
+        if self.rpc_port is None:
+            if self.settings.rpc_port:
+                self.rpc_port = self.settings.rpc_port
+            else:
+                with socket.socket() as s:
+                    s.bind((host, 0))
+                    self.rpc_port = s.getsockname()[1]
+        return self.rpc_port
+
     async def keep_rpc_server(self) -> None:
         restarts = 0
+        tls = self.rpc_tls()
+        if tls:
+            tls.allow.touch(mode=0o600)
+            self.write_rpc_allow()
+        host = self.settings.bind_host if tls else "127.0.0.1"
         while True:
-            port = free_loopback_port()
+            port = self.rpc_listen_port(host) if tls else free_loopback_port()
             args = rpc_server_args(self.binaries, port, self.state.model, device=self.settings.device,
-                                   threads=self.settings.threads)
+                                   threads=self.settings.threads, host=host, tls=tls)
             self.rpc = Child("ggml-rpc-server", args, addresses.log_path(self.settings.home, "rpc-server"))
             self.update(rpc=ChildState(state="starting", port=port, restarts=restarts))
             self.rpc.start()
-            if await _wait_port(port, self.rpc, timeout=30):
-                self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts))
+            if await _wait_port(port, self.rpc, timeout=30, host=_connectable(host)):
+                announced = advertised_addresses(host, port, self.settings.advertise_rpc) if tls else []
+                self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts),
+                            rpc_tls=announced, rpc_host=_connectable(host))
             await self.rpc.wait()
             detail = f"ggml-rpc-server {self.rpc.exit_description()}: {self.rpc.log_tail(2)}"
             log.warning("%s", detail)
-            self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail))
+            self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail), rpc_tls=[])
             await asyncio.sleep(RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)])
             restarts += 1
 
@@ -135,6 +186,8 @@ class Runnerd:
             return  # a restarted electd that has not decided yet: keep serving the plan we have
         if plan != self.plan:
             self.plan = plan
+            self.write_rpc_allow()
+            self._check_direct.set()
             self._plan_changed.set()
 
     def on_gateway(self, state: GatewayState) -> None:
@@ -144,10 +197,70 @@ class Runnerd:
 
     def on_mesh(self, state: MeshState) -> None:
         self.rtt_ms = {p.announcement.node_id: p.rtt_ms for p in state.peers}
+        peers = {p.announcement.node_id: p.announcement for p in state.peers if p.connected}
+        tls_moved = {n: a.rpc_tls for n, a in peers.items()} != {n: a.rpc_tls for n, a in self.peers.items()}
+        links_changed = set(peers) != set(self.peers)
+        self.peers = peers
         if state.node_id and state.node_id != self.node_id:
             self.node_id = state.node_id
             self.update(node_id=state.node_id)
+            links_changed = tls_moved = True
             self._plan_changed.set()
+        if links_changed:
+            self.write_rpc_allow()
+        if tls_moved:
+            self._check_direct.set()
+
+    # --- the path to each worker ---------------------------------------------------------------------
+
+    def direct_key(self, worker: str) -> tuple[str, str, tuple] | None:
+        ann = self.peers.get(worker)
+        return (self.plan.key, worker, tuple(map(tuple, ann.rpc_tls))) if ann and ann.rpc_tls else None
+
+    async def check_direct_paths(self) -> None:
+        """As host: once per plan, which workers' TLS rpc-servers accept a connection from here."""
+        while True:
+            await self._check_direct.wait()
+            self._check_direct.clear()
+            if self.plan.host != self.node_id:
+                continue
+            keys = [k for m in self.plan.members if m.node_id != self.node_id
+                    and (k := self.direct_key(m.node_id)) and k not in self.direct]
+            results = await asyncio.gather(*(_first_connecting(k[2]) for k in keys))
+            self.direct = {k: v for k, v in self.direct.items() if k[0] == self.plan.key}
+            for key, found in zip(keys, results):
+                self.direct[key] = found
+                log.info("rpc path to %s: %s", key[1][:8], f"direct TLS {found[0]}:{found[1]}" if found else
+                         f"tunnel (no answer from {', '.join(f'{h}:{p}' for h, p in key[2])} in {DIRECT_CHECK_S:g} s)")
+            if keys:
+                self._plan_changed.set()
+
+    def recheck_direct_paths(self) -> None:
+        """llama-server failed: a direct path that connected at the check may not now (the next start re-checks)."""
+        self.direct.clear()
+        self._check_direct.set()
+
+    def rpc_endpoints(self, plan: Plan) -> dict[str, str]:
+        """Each remote member's --rpc endpoint (rpc_endpoint); NotReady while a direct check is under way."""
+        endpoints: dict[str, str] = {}
+        self.wanted_paths = {}
+        for m in plan.members:
+            if m.node_id == self.node_id:
+                continue
+            key = self.direct_key(m.node_id)
+            if key and not self.binaries.rpc_tls:
+                raise NotReady(f"{m.node_id[:8]}'s rpc-server wants TLS and this node's llama.cpp build has none; "
+                               f"rebuild it (`just build`) with OpenSSL")
+            if key and key not in self.direct:
+                raise NotReady(f"checking the direct path to {m.node_id[:8]}")
+            direct = self.direct.get(key) if key else None
+            endpoint = rpc_endpoint(m.node_id, tls=key is not None, direct=direct,
+                                    forward=self.gateway.rpc_forwards.get(m.node_id))
+            if endpoint:
+                endpoints[m.node_id] = endpoint
+                self.wanted_paths[m.node_id] = f"direct TLS {direct[0]}:{direct[1]}" if direct else \
+                    ("tunnel, TLS inside" if key else "tunnel")
+        return endpoints
 
     def desired_llama_spec(self) -> tuple[list[str] | None, str]:
         """(command with port 0, why): None when this node should not run llama-server now."""
@@ -160,7 +273,7 @@ class Runnerd:
         draft = str(self.settings.draft_model) if self.settings.draft_model else None
         spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=self.settings.device)
         try:
-            return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.gateway.rpc_forwards,
+            return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.rpc_endpoints(plan),
                                      backend=self.state.backend, ctx_size=self.settings.ctx_size,
                                      threads=self.settings.threads, speculation=spec_args), plan.reason
         except NotReady as exc:
@@ -232,6 +345,7 @@ class Runnerd:
                 restarts = 1  # it was serving: its death is news (a peer went away), not a crash loop
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
+                self.recheck_direct_paths()
                 await self.back_off(restarts)
             else:
                 died.cancel()
@@ -253,9 +367,13 @@ class Runnerd:
         # Other local users can reach 127.0.0.1 too: a fresh key that only gatewayd reads guards it.
         args += ["--api-key-file", str(new_llama_key(self.settings.home))]
         self.llama_spec = spec
-        self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"))
+        tls = self.rpc_tls()
+        env = {"GGML_RPC_TLS_CERT": str(tls.cert), "GGML_RPC_TLS_KEY": str(tls.key)} if tls else None
+        paths = dict(self.wanted_paths)
+        self.llama = Child("llama-server", args, addresses.log_path(self.settings.home, "llama-server"), env=env)
         started = time.monotonic()
-        self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason))
+        self.update(llama=ChildState(state="starting", port=port, restarts=restarts, detail=self.plan.reason),
+                    rpc_paths=paths)
         log_start = self.llama.log_size()
         self.llama.start()
         outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec,
@@ -269,12 +387,15 @@ class Runnerd:
             detail = f"llama-server {outcome} before it was ready ({self.llama.exit_description()}): " \
                      f"{self.llama.log_tail(3)}"
             log.error("%s", detail)
+            self.recheck_direct_paths()
             await self.llama.stop(grace=LLAMA_STOP_GRACE_S)
             self.update(llama=ChildState(state="failed", port=port, restarts=restarts + 1, detail=detail),
                         llama_plan_key="")
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
-        weights = weight_loads(self.llama.log_text(log_start), self.gateway.rpc_forwards)
+        rpc = spec[spec.index("--rpc") + 1].split(",") if "--rpc" in spec else []
+        weights = weight_loads(self.llama.log_text(log_start), dict(zip([m.node_id for m in self.plan.members
+                                                                          if m.node_id != self.node_id], rpc)))
         for w in weights:
             if w.misses:
                 log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the tunnel",
@@ -302,6 +423,7 @@ class Runnerd:
             tasks.spawn("rpc-server", self.keep_rpc_server())
             tasks.spawn("llama-server", self.keep_llama_server())
             tasks.spawn("draft-acceptance", self.watch_draft_acceptance())
+            tasks.spawn("direct-paths", self.check_direct_paths())
         failure = await tasks.run_until(stopping)
         for child in (self.llama, self.rpc):
             if child:
@@ -312,15 +434,15 @@ class Runnerd:
 
 
 GGUF_SUMMARY = re.compile(r"rpc-gguf: summary hits=(\d+) misses=(\d+) hit_bytes=(\d+) miss_bytes=(\d+) "
-                          r"endpoint=[\d.]+:(\d+)")
+                          r"endpoint=(\S+)")
 
 
-def weight_loads(llama_log: str, rpc_forwards: dict[str, int]) -> list[WeightLoad]:
-    """Sum the patch's per-endpoint load summaries and name each endpoint's worker by its forward port."""
-    node_by_port = {port: node_id for node_id, port in rpc_forwards.items()}
+def weight_loads(llama_log: str, rpc_endpoints: dict[str, str]) -> list[WeightLoad]:
+    """Sum the patch's per-endpoint load summaries and name each endpoint's worker (by its --rpc endpoint)."""
+    node_by_endpoint = {endpoint: node_id for node_id, endpoint in rpc_endpoints.items()}
     loads: dict[str, WeightLoad] = {}
-    for _, misses, hit_bytes, miss_bytes, port in GGUF_SUMMARY.findall(llama_log):
-        node_id = node_by_port.get(int(port), f"127.0.0.1:{port}")
+    for _, misses, hit_bytes, miss_bytes, endpoint in GGUF_SUMMARY.findall(llama_log):
+        node_id = node_by_endpoint.get(endpoint, endpoint)
         w = loads.setdefault(node_id, WeightLoad(node_id=node_id))
         w.local_bytes += int(hit_bytes)
         w.sent_bytes += int(miss_bytes)
@@ -328,11 +450,26 @@ def weight_loads(llama_log: str, rpc_forwards: dict[str, int]) -> list[WeightLoa
     return list(loads.values())
 
 
-async def _wait_port(port: int, child: Child, timeout: float) -> bool:
+def _connectable(bind_host: str) -> str:
+    """Where this machine reaches a server bound to `bind_host`."""
+    return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
+
+
+async def _first_connecting(addrs: tuple, timeout: float = DIRECT_CHECK_S) -> tuple[str, int] | None:
+    """The first of `addrs` that accepts a TCP connection within `timeout` (all tried at once), or None."""
+    async def one(host: str, port: int):
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        writer.close()
+        return host, port
+    results = await asyncio.gather(*(one(h, p) for h, p in addrs), return_exceptions=True)
+    return next((r for r in results if isinstance(r, tuple)), None)
+
+
+async def _wait_port(port: int, child: Child, timeout: float, host: str = "127.0.0.1") -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and child.running():
         try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            _, writer = await asyncio.open_connection(host, port)
             writer.close()
             return True
         except OSError:

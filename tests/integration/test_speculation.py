@@ -32,7 +32,7 @@ def answers(bins, model: Path, tmp_path: Path, mode: str) -> tuple[list[str], tu
         worker = start_rpc_server(bins, tmp_path, name=f"rpc-{mode}", gguf=model if bins.loads_local_weights else None)
         stack.callback(worker.stop)
         port = free_port()
-        args = llama_server_args(bins, port, info, PLAN, "host", {"worker": worker.port}, backend="cpu",
+        args = llama_server_args(bins, port, info, PLAN, "host", {"worker": f"127.0.0.1:{worker.port}"}, backend="cpu",
                                  ctx_size=4096, threads=None,
                                  speculation=speculation_args(mode, draft_model=None, backend="cpu", device=None))
         log = tmp_path / f"llama-{mode}.log"

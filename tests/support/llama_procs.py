@@ -56,10 +56,11 @@ class ServerProcess:
 
 
 def start_rpc_server(bins: Binaries, log_dir: Path, *, name: str = "rpc-server", threads: int | None = None,
-                     gguf: Path | None = None, timeout: float = 30.0) -> ServerProcess:
-    """ggml-rpc-server on 127.0.0.1 only (it is insecure by design), ready to accept."""
+                     gguf: Path | None = None, timeout: float = 30.0, tls: list[str] = ()) -> ServerProcess:
+    """ggml-rpc-server on 127.0.0.1 only (without `tls`, its --tls-* flags, it is insecure by design), ready
+    to accept."""
     port = free_port()
-    args = [str(bins.rpc_server), "-H", "127.0.0.1", "-p", str(port)]
+    args = [str(bins.rpc_server), "-H", "127.0.0.1", "-p", str(port), *tls]
     if threads:
         args += ["-t", str(threads)]
     if gguf:  # our patch: load weights from this local file instead of receiving them

@@ -65,7 +65,7 @@ def test_solo_host_offloads_everything_locally_on_loopback():
 
 def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
     p = plan(("me", 0.5), ("w1", 0.25), ("w2", 0.25))
-    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001, "w2": 5002}, backend="cpu", ctx_size=4096, threads=2)
+    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": "127.0.0.1:5001", "w2": "127.0.0.1:5002"}, backend="cpu", ctx_size=4096, threads=2)
     assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
     assert flag(args, "--n-gpu-layers") == "9" and flag(args, "--tensor-split") == "0.500,0.500"
     # the output matrix (or the embedding tied to it) stays on the host, and only it: llama.cpp searches
@@ -77,7 +77,7 @@ def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
 
 def test_gpu_host_lists_its_own_device_first():
     p = plan(("me", 0.6), ("w1", 0.4))
-    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001}, backend="cuda", ctx_size=4096, threads=None)
+    args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": "127.0.0.1:5001"}, backend="cuda", ctx_size=4096, threads=None)
     assert flag(args, "--tensor-split") == "0.600,0.400"
 
 
@@ -100,8 +100,11 @@ def test_weight_loads_sum_the_patch_summaries_per_worker():
     from services.runnerd.main import weight_loads
     log_text = ("0.01 W rpc-gguf: summary hits=60 misses=0 hit_bytes=1000 miss_bytes=0 endpoint=127.0.0.1:4001\n"
                 "0.02 W rpc-gguf: summary hits=5 misses=2 hit_bytes=100 miss_bytes=50 endpoint=127.0.0.1:4001\n"
-                "0.03 W rpc-gguf: summary hits=1 misses=0 hit_bytes=7 miss_bytes=0 endpoint=127.0.0.1:4999\n")
-    loads = {w.node_id: w for w in weight_loads(log_text, {"worker-b": 4001})}
+                "0.03 W rpc-gguf: summary hits=1 misses=0 hit_bytes=7 miss_bytes=0 endpoint=127.0.0.1:4999\n"
+                "0.04 W rpc-gguf: summary hits=3 misses=0 hit_bytes=9 miss_bytes=0 endpoint=c0ffee@10.0.0.2:5000\n")
+    loads = {w.node_id: w for w in weight_loads(log_text, {"worker-b": "127.0.0.1:4001",
+                                                           "worker-c": "c0ffee@10.0.0.2:5000"})}
+    assert loads["worker-c"].local_bytes == 9  # a direct TLS endpoint, pinned to its node id
     assert (loads["worker-b"].local_bytes, loads["worker-b"].sent_bytes, loads["worker-b"].misses) == (1100, 50, 2)
     assert loads["127.0.0.1:4999"].local_bytes == 7  # no forward known for it: named by its endpoint
 
@@ -117,3 +120,21 @@ def test_an_embedding_model_is_served_with_embeddings_and_a_chat_model_is_not(tm
                                                threads=None)
     assert "--embeddings" not in llama_server_args(BINS, 8080, chat, solo, "me", {}, backend="cpu", ctx_size=4096,
                                                    threads=None)
+
+
+def test_a_worker_is_dialed_directly_over_tls_where_it_connects_else_through_its_tunnel():
+    from services.runnerd.commands import rpc_endpoint
+    assert rpc_endpoint("w1", tls=True, direct=("10.0.0.2", 5000), forward=4001) == "w1@10.0.0.2:5000"
+    assert rpc_endpoint("w1", tls=True, direct=None, forward=4001) == "w1@127.0.0.1:4001"  # TLS inside the tunnel
+    assert rpc_endpoint("w1", tls=False, direct=None, forward=4001) == "127.0.0.1:4001"  # a build without TLS
+    assert rpc_endpoint("w1", tls=True, direct=None, forward=None) is None
+
+
+def test_only_the_plans_host_over_a_live_link_is_in_a_workers_allow_file():
+    from services.gatewayd.policy import rpc_allowed
+    worker_plan = Plan(state="split", host="h", members=[PlanMember(node_id="h", memory_bytes=1, ratio=0.5),
+                                                         PlanMember(node_id="w", memory_bytes=1, ratio=0.5)])
+    assert rpc_allowed(worker_plan, "w", {"h", "c"}) == ["h"]
+    assert rpc_allowed(worker_plan, "w", {"c"}) == []  # no live link to the host
+    assert rpc_allowed(worker_plan, "h", {"w"}) == []  # a host's own rpc-server serves no one
+    assert rpc_allowed(Plan(state="waiting"), "w", {"h"}) == []

@@ -1,0 +1,122 @@
+"""The host's llama-server reaches a worker's rpc-server over llama.cpp's own mutual TLS, pinned to node
+ids (llama.cpp/patches/0002-rpc-mutual-tls.patch), where the worker's address connects, and through the
+tunnel where it does not; the rpc-server admits the plan's host only."""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import subprocess
+
+import pytest
+
+from common import addresses
+from common.binaries import find_binaries
+from common.identity import NodeIdentity
+from tests.integration.harness import Node, meshctl
+from tests.support.llama_procs import start_rpc_server
+from tests.support.procs import free_port, wait_until
+
+pytestmark = pytest.mark.slow
+RPC_HELLO = bytes([14]) + struct.pack("<Q", 24) + bytes(24)  # the HELLO command a client opens with
+
+
+def split_host_and_worker(root, b_flags=()) -> tuple[Node, Node]:
+    a = Node(root / "a", extra=["--split", "--max-vram", "8G", "--bind-host", "127.0.0.1"])
+    b = Node(root / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1", *b_flags])
+    a.start()
+    b.start("--join", a.token())
+    b_id = b.node_id()
+    wait_until(lambda: (a.runner().get("llama", {}).get("state") == "ready"
+                        and b_id in a.runner().get("rpc_paths", {})), timeout=300, interval=0.5,
+               what="A serving the split over B")
+    return a, b
+
+
+def answers_hello(address, identity: NodeIdentity | None) -> bool:
+    """A TLS 1.3 client (with `identity`'s certificate, or none) says HELLO: does the rpc-server answer?"""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # the server's pin is llama-server's part
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    if identity:
+        ctx.load_cert_chain(identity.cert_path, identity.key_path)
+    try:
+        with socket.create_connection(address, timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+            tls.sendall(RPC_HELLO)
+            return len(tls.recv(64)) > 0
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def test_the_host_serves_over_direct_tls_and_only_the_host_is_in_the_workers_allow_file(tmp_path):
+    a, b = split_host_and_worker(tmp_path)
+    try:
+        a_id, b_id = a.node_id(), b.node_id()
+        assert a.runner()["rpc_paths"][b_id].startswith("direct TLS 127.0.0.1:")
+        assert a.chat("Name three colours.", max_tokens=8)
+        status = meshctl("status", home=a.home, timeout=30).stdout
+        assert f"rpc path to {b_id[:8]}: direct TLS" in status, status
+        assert "mutual TLS, only the plan's host" in meshctl("status", home=b.home, timeout=30).stdout
+        assert f"rpc-tls: accepted node={a_id}" in (b.home / "logs" / "rpc-server.log").read_text(errors="replace")
+        assert (addresses.run_dir(b.home) / "rpc-allow").read_text().split() == [a_id]
+        # The tunnel to B carried none of it: no Python hop on the data path.
+        tunnels = {t["node_id"]: t for t in a.status()["gatewayd"]["tunnels"]}
+        assert tunnels.get(b_id, {}).get("bytes_out", 0) == 0, tunnels
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_a_worker_whose_address_does_not_connect_is_reached_through_the_tunnel(tmp_path):
+    closed = free_port()  # nothing listens there: the host's connect check fails
+    a, b = split_host_and_worker(tmp_path, b_flags=["--advertise-rpc", f"127.0.0.1:{closed}"])
+    try:
+        b_id = b.node_id()
+        assert a.runner()["rpc_paths"][b_id] == "tunnel, TLS inside"
+        assert a.chat("Name three colours.", max_tokens=8)
+        tunnels = {t["node_id"]: t for t in a.status()["gatewayd"]["tunnels"]}
+        assert tunnels[b_id]["bytes_out"] > 0
+        # TLS end to end: B's rpc-server admitted A's node id through the tunnel too.
+        assert f"rpc-tls: accepted node={a.node_id()}" in (b.home / "logs" / "rpc-server.log").read_text(errors="replace")
+    finally:
+        b.stop()
+        a.stop()
+
+
+def test_the_rpc_server_admits_the_allowed_node_only(tmp_path):
+    """ggml-rpc-server serves one client at a time, so this one is alone, not a mesh's busy worker."""
+    bins = find_binaries(None)
+    host, worker, member = (NodeIdentity.load_or_create(tmp_path / n) for n in ("host", "worker", "member"))
+    allow = tmp_path / "allow"
+    allow.write_text(f"# the plan's host\n{host.node_id}\n")
+    tls = ["--tls-cert", str(worker.cert_path), "--tls-key", str(worker.key_path), "--tls-allow", str(allow)]
+    server = start_rpc_server(bins, tmp_path, tls=tls)
+    try:
+        assert not answers_hello(server.address, None)  # no certificate
+        assert not answers_hello(server.address, member)  # a valid node certificate, not in the allow file
+        with socket.create_connection(server.address, timeout=10) as plain:  # no TLS at all
+            plain.sendall(RPC_HELLO)
+            assert plain.recv(64) == b""
+        assert answers_hello(server.address, host)  # and the host still gets in
+        log = server.log_path.read_text(errors="replace")
+        assert "rpc-tls: refused 127.0.0.1:" in log and "peer did not return a certificate" in log
+        assert f"rpc-tls: refused node={member.node_id} from 127.0.0.1:" in log and "not in the allow file" in log
+        assert f"rpc-tls: accepted node={host.node_id}" in log
+        # The allow file is read at each connection: the member, once listed, gets in without a restart.
+        allow.write_text(f"{host.node_id}\n{member.node_id}\n")
+        assert answers_hello(server.address, member)
+        # A client pins the server's node id: the right server under another id is refused by the client.
+        out = subprocess.run([str(bins.llama_server), "--rpc", f"{member.node_id}@127.0.0.1:{server.port}",
+                              "--list-devices"], capture_output=True, text=True, timeout=60,
+                             env=os.environ | {"GGML_RPC_TLS_CERT": str(host.cert_path),
+                                               "GGML_RPC_TLS_KEY": str(host.key_path)})
+        assert f"is node {worker.node_id}, not the pinned {member.node_id}" in out.stdout + out.stderr
+    finally:
+        server.stop()
+    base = [str(bins.rpc_server), "--host", "127.0.0.1", "--port", str(free_port())]
+    out = subprocess.run([*base, "--tls-cert", str(worker.cert_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0 and "--tls-cert, --tls-key and --tls-allow go together" in out.stderr
+    out = subprocess.run([*base, *tls[:4], "--tls-allow", str(tmp_path / "missing")], capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode != 0 and "cannot read the allow file" in out.stderr
