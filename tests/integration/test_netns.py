@@ -62,8 +62,10 @@ def test_split_across_namespaces_with_delay(namespaces, tmp_path):
                               "--rtt-ms", str(RTT_MS)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              start_new_session=True)
     a = Node(tmp_path / "a", netns=ns_a, extra=["--split", "--max-vram", "8G"])
+    # the RPC goes through the delayed data lane: B's direct rpc address (port 1) does not connect
     b = Node(tmp_path / "b", netns=ns_b, extra=["--split", "--max-vram", "4G", "--data-port", str(b_data_port),
-                                                "--advertise-data", f"{A_ADDR}:{relay_port}"])
+                                                "--advertise-data", f"{A_ADDR}:{relay_port}",
+                                                "--advertise-rpc", "127.0.0.1:1"])
     try:
         a.start()
         token = a.token()

@@ -32,7 +32,9 @@ def fine_tuned_copy(model, out):
 def test_split_loads_weights_locally_and_other_models_are_excluded(tmp_path):
     model = ensure_default_model()
     a = Node(tmp_path / "a", extra=["--split", "--max-vram", "8G", "--bind-host", "127.0.0.1"])
-    b = Node(tmp_path / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1"])
+    # B's rpc address does not connect (port 1): the host goes through the tunnel, whose bytes are counted here
+    b = Node(tmp_path / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1",
+                                    "--advertise-rpc", "127.0.0.1:1"])
     other = fine_tuned_copy(model, tmp_path / "fine-tune.gguf")
     d = Node(tmp_path / "d", extra=["--split", "--max-vram", "2G", "--bind-host", "127.0.0.1", "--model", str(other)])
     try:
