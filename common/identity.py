@@ -3,7 +3,7 @@ signed-challenge exchange every data/control connection uses to prove which node
 
 A node id is the first 32 hex characters of sha256(SubjectPublicKeyInfo DER) of the node key.
 TLS (QUIC or TCP) proves the *server* holds its key; the dialer then pins that key's node id.
-Neither aioquic's server nor `ssl` verifies a self-signed *client* certificate, so the dialer
+Neither qh3's (aioquic's) server nor `ssl` verifies a self-signed *client* certificate, so the dialer
 proves itself in-band: it signs the server's fresh nonce, the server's node id and the protocol
 name (plus a digest of whatever claims it presents), so an answer can be neither replayed nor
 relayed to another node. `make_challenge` / `answer_challenge` / `check_answer` are that exchange,

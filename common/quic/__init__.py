@@ -1,23 +1,21 @@
 """One authenticated QUIC endpoint per node: a single UDP socket that both accepts and dials.
 
+The QUIC library is qh3 (a maintained fork of aioquic whose packet core and crypto are native).
 Layers (one module each):
-  * `flow` — flow-control overrides of aioquic (receive windows that slide with what the
-    application consumed; pacing off);
   * `streams` — one QUIC stream as an asyncio Transport (StreamReader/StreamWriter by default);
   * `auth` — the challenge exchange (the dialer pins the server's certificate key to the node id
     it expects; the server authenticates the dialer with a signed challenge on the first
     server-initiated stream before any user stream is served), shared with the TLS-TCP lane;
-  * `connection` — the driver of one aioquic connection, sending through a datagram path;
+  * `connection` — the driver of one qh3 connection, sending through a datagram path;
   * `paths` — datagram paths (the UDP socket: direct or hole-punched; a TURN allocation: relayed);
+  * `retry` — address validation (Retry tokens) and the caps on unauthenticated handshakes;
   * `endpoint` — the UDP socket and the demultiplexer (QUIC by connection id, STUN, relays).
 
-Why not aioquic's own asyncio layer: it reads one datagram per loop iteration, has no write
-backpressure, doubles its receive windows regardless of whether the application reads, and paces
-with timers that, at epoll's millisecond resolution, throttle low-RTT paths. Here datagrams are
-read in batches and answered with one transmit per batch, writes pause their producer above a
-high-water mark, receive windows slide with what the application consumed, and pacing is off
-(loopback/LAN paths with enlarged socket buffers). Larger datagrams are used on loopback and on
-private networks: per-packet Python cost dominates aioquic's throughput.
+Why not qh3's own asyncio layer: its `connect()` opens a socket per connection, and one socket
+has to accept, dial, answer STUN and carry TURN. Here datagrams are read in batches, handed to
+each connection at once and answered with one transmit per batch, and writes pause their
+producer above a high-water mark of unsent bytes. Larger datagrams are used on loopback and on
+private networks: per-packet cost dominates throughput.
 """
 from common.identity import AuthError
 from common.quic.auth import Authorize, PeerIdentityMismatch

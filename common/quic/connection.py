@@ -1,4 +1,4 @@
-"""The connection driver: one aioquic connection to a peer node, fed datagrams by the endpoint,
+"""The connection driver: one qh3 connection to a peer node, fed datagrams by the endpoint,
 sending through the datagram path it currently uses, running the auth exchange on its first
 server-initiated stream before any user stream is served."""
 from __future__ import annotations
@@ -6,20 +6,26 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import struct
 import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from aioquic import tls
-from aioquic.quic import events
-from aioquic.quic.connection import stream_is_client_initiated
+from cryptography import x509
+from qh3.quic import events
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import stream_is_client_initiated
 
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError
 from common.quic.auth import (answer_server, authorize_dialer, challenge_dialer, check_verdict, pinned_server_id,
                               verdict_frame)
-from common.quic.flow import WindowedQuicConnection
 from common.quic.limits import (AUTH_FRAME_MAX_BYTES, AUTH_STREAM_ID, CLOSE_AUTH_FAILED, CLOSE_AUTH_REJECTED,
                                 CLOSE_NORMAL, CLOSE_PIN_MISMATCH, CLOSE_PROTOCOL, STREAM_READER_LIMIT, short_reason)
+
+# Stream credit (see QuicPeerConnection): records of (stream id, bytes its reader consumed) on
+# each side's first unidirectional stream; the first record, HELLO, says the sender reports them.
+CREDIT_RECORD = struct.Struct("!QQ")
+CREDIT_HELLO = (1 << 64) - 1
 from common.quic.streams import QuicStreamTransport, StreamHandler
 
 if TYPE_CHECKING:
@@ -30,9 +36,16 @@ log = logging.getLogger("mesh.quic")
 
 
 class QuicPeerConnection:
-    """One QUIC connection to an authenticated peer node (see module docstring)."""
+    """One QUIC connection to an authenticated peer node (see module docstring).
 
-    def __init__(self, endpoint: "QuicEndpoint", quic: WindowedQuicConnection,
+    Stream credit: qh3's native core grants the peer flow-control credit as soon as it hands data
+    to Python, whether or not a reader consumed it, so a slow reader would buffer without bound.
+    Each side therefore tells the other, on its own unidirectional control stream, how many bytes
+    each stream's reader consumed (every STREAM_CREDIT_STEP), and a writer pauses while more than
+    STREAM_RECEIVE_WINDOW of what it wrote is unconsumed. A peer that never said HELLO (an older
+    node) is not waited for."""
+
+    def __init__(self, endpoint: "QuicEndpoint", quic: QuicConnection,
                  address: tuple, *, dialed: bool, path: "DatagramPath"):
         self._endpoint = endpoint
         self._loop = endpoint._loop
@@ -44,6 +57,11 @@ class QuicPeerConnection:
         self.path = path
         self._path_by_addr: dict[tuple, "DatagramPath"] = {address: path}
         self._last_addr = address
+        self._inbox: list[bytes] = []  # datagrams of this read batch, from _last_addr
+        self._credit_out: dict[int, int] = {}  # stream id -> consumed, not yet told to the peer
+        self._control_stream: int | None = None
+        self._control_in = b""
+        self.peer_reports_credit = False
         self.bytes_sent = 0
         self.bytes_received = 0
         self.dialed = dialed
@@ -57,8 +75,6 @@ class QuicPeerConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
-        self._application_space: Any = None  # aioquic's 1-RTT packet space, once keys exist
-        self._wrote = False  # the application queued something since the last transmit
         self._keepalive: asyncio.TimerHandle | None = None
         self._handshake_done: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -100,8 +116,8 @@ class QuicPeerConnection:
                 self._dispatch_stream(reader, writer)
 
     def rtt(self) -> float | None:
-        loss = self._quic._loss  # noqa: SLF001
-        return loss._rtt_smoothed if loss._rtt_initialized else None  # noqa: SLF001
+        core = self._quic._core  # noqa: SLF001 (qh3 exposes the RTT on its native core only)
+        return None if core is None else core.smoothed_rtt
 
     def _allocate_stream(self) -> int:
         """A new locally opened stream id, on a live, authenticated connection."""
@@ -110,7 +126,7 @@ class QuicPeerConnection:
         if not self.authenticated:
             raise ConnectionError("QUIC connection is not authenticated yet")
         stream_id = self._quic.get_next_available_stream_id()
-        # aioquic allocates the id only when data is first sent on it; an empty write does that.
+        # qh3 allocates the id only when data is first sent on it; an empty write does that.
         self._quic.send_stream_data(stream_id, b"")
         return stream_id
 
@@ -192,8 +208,12 @@ class QuicPeerConnection:
         stream_id = event.stream_id
         transport = self._streams.get(stream_id)
         if transport is None:
-            if stream_is_client_initiated(stream_id) == self.dialed or stream_id & 2:
-                return  # late data for a stream of ours we closed, or a unidirectional stream (unused)
+            if stream_id & 2:
+                if stream_is_client_initiated(stream_id) != self.dialed and (self.dialed or self.authenticated):
+                    self._on_credit_records(event.data)
+                return
+            if stream_is_client_initiated(stream_id) == self.dialed:
+                return  # late data for a stream of ours we closed
             if not self._is_new_peer_stream(stream_id):
                 return  # late data for a peer stream we already closed
             if not self.authenticated:
@@ -215,57 +235,54 @@ class QuicPeerConnection:
     # -- driving aioquic ---------------------------------------------------------------------
 
     def _datagram_received(self, data: bytes, addr: tuple, now: float, path: "DatagramPath") -> None:
+        """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
         if addr != self._last_addr or self._path_by_addr.get(addr) is not path:
+            self._feed()  # one address per qh3 call
             self._last_addr = addr
             self._path_by_addr[addr] = path
-        self._quic.receive_datagram(data, addr, now)
+        self._inbox.append(data)
+
+    def _feed(self) -> None:
+        inbox = self._inbox
+        if not inbox:
+            return
+        self._inbox = []
+        addr = self._last_addr
+        if len(inbox) == 1:
+            self._quic.receive_datagram(inbox[0], addr, self._last_received)
+        else:
+            self._quic.receive_many_datagrams(inbox, addr, self._last_received)
         if addr != self._send_address:
-            paths = getattr(self._quic, "_network_paths", None)
-            if paths and paths[0].addr == addr:  # QUIC promoted the peer's new address (a migration)
+            core = self._quic._core  # noqa: SLF001
+            if core is not None and core.active_path[2] == addr:  # QUIC promoted the peer's new address (a migration)
                 self._send_address = addr
                 self.remote_address = (addr[0], addr[1])
 
     def _after_receive(self) -> None:
+        self._feed()
         self._process_events()
         # Deferred by one loop step: a reply the application writes in that step (its reader's
         # task wakes up then) goes out in the same datagram, with the ACK, instead of two.
         if self._transmit_handle is None and not self._terminated:
-            self._transmit_handle = self._loop.call_soon(self._transmit_written)
-        if self._drain_watch:
-            for transport in list(self._drain_watch):
-                transport._on_acked()  # noqa: SLF001
+            self._transmit_handle = self._loop.call_soon(self._transmit)
 
     def _schedule_transmit(self) -> None:
-        self._wrote = True
         if self._transmit_handle is None and not self._terminated:
-            self._transmit_handle = self._loop.call_soon(self._transmit_written)
-
-    def _transmit_written(self) -> None:
-        """Send what the application wrote this loop iteration, in as few datagrams as fit.
-
-        aioquic delays ACKs by 1 ms and adds one to a packet only once due; a reply that is sent
-        anyway should carry the pending ACK instead (request/response traffic then needs no
-        ACK-only packets and no ACK timers)."""
-        self._transmit_handle = None
-        if self._wrote:
-            self._wrote = False
-            space = self._application_space
-            if space is None:
-                spaces = getattr(self._quic, "_spaces", None)  # exists once the connection is initialised
-                space = self._application_space = spaces.get(tls.Epoch.ONE_RTT) if spaces else None
-            if space is not None and space.ack_at is not None:
-                space.ack_at = self._loop.time()
-        self._transmit()
+            self._transmit_handle = self._loop.call_soon(self._transmit)
 
     def _transmit(self) -> None:
+        """Send what qh3 has for the peer, in as few datagrams as fit, and re-arm its timer."""
         if self._transmit_handle is not None:
             self._transmit_handle.cancel()
             self._transmit_handle = None
         if self._terminated:
             return
-        datagrams = self._quic.datagrams_to_send(now=self._loop.time())
+        quic = self._quic
+        if self._credit_out:
+            self._send_credit()
+        datagrams = quic.datagrams_to_send(now=self._loop.time())
         if datagrams:
             for data, _ in datagrams:
                 self.bytes_sent += len(data)
@@ -273,13 +290,48 @@ class QuicPeerConnection:
                 self.path.send(datagrams)
             else:
                 self._send_by_path(datagrams)
-        timer_at = self._quic.get_timer()
+            if self._drain_watch:  # qh3 counts a stream's unsent bytes: what just left frees writers
+                for transport in list(self._drain_watch):
+                    transport._on_sent()  # noqa: SLF001
+        timer_at = quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
         if self._timer is None and timer_at is not None:
             self._timer = self._loop.call_at(timer_at, self._handle_timer)
         self._timer_at = timer_at
+
+    # -- stream credit (class docstring) -----------------------------------------------------
+
+    def _say_hello(self) -> None:
+        self._credit_out = {CREDIT_HELLO: 0, **self._credit_out}
+        self._schedule_transmit()
+
+    def _report_consumed(self, stream_id: int, consumed: int) -> None:
+        self._credit_out[stream_id] = consumed
+        self._schedule_transmit()
+
+    def _send_credit(self) -> None:
+        records, self._credit_out = self._credit_out, {}
+        if self._control_stream is None:
+            self._control_stream = self._quic.get_next_available_stream_id(is_unidirectional=True)
+        try:
+            self._quic.send_stream_data(self._control_stream,
+                                        b"".join(CREDIT_RECORD.pack(sid, n) for sid, n in records.items()))
+        except Exception:  # closing: nothing left to credit
+            pass
+
+    def _on_credit_records(self, data: bytes) -> None:
+        data = self._control_in + data
+        end = len(data) - len(data) % CREDIT_RECORD.size
+        self._control_in = data[end:]
+        for stream_id, consumed in CREDIT_RECORD.iter_unpack(data[:end]):
+            if stream_id == CREDIT_HELLO:
+                self.peer_reports_credit = True
+                continue
+            transport = self._streams.get(stream_id)
+            if transport is not None:
+                transport._on_credit(consumed)  # noqa: SLF001
 
     def _send_by_path(self, datagrams: list[tuple[bytes, tuple]]) -> None:
         paths = self._path_by_addr
@@ -462,6 +514,7 @@ class QuicPeerConnection:
             return
         self.peer_node_id, self.claims = node_id, claims
         self.authenticated = True  # before the verdict leaves, so the dialer's streams find us ready
+        self._say_hello()
         writer.write(encode_frame(verdict_frame(True)))
         writer.close()
         endpoint._connection_authenticated(self)
@@ -470,9 +523,9 @@ class QuicPeerConnection:
                          claims_for: Callable[[bytes, str], dict]) -> None:
         """Dialer side: pin the server's key, then answer its challenge."""
         await asyncio.shield(self._handshake_done)
-        certificate = self._quic.tls._peer_certificate  # noqa: SLF001 (aioquic has no verify hook)
+        certificate = self._quic.get_peercert()  # verify_mode is CERT_NONE: the pin is the check
         try:
-            server_id = pinned_server_id(certificate.public_key() if certificate is not None else None,
+            server_id = pinned_server_id(certificate_key(certificate.public_bytes()) if certificate is not None else None,
                                          expected_node_id)
         except AuthError as exc:
             self._close(CLOSE_PIN_MISMATCH, exc.reason)
@@ -499,8 +552,13 @@ class QuicPeerConnection:
             raise
         writer.close()
         self.authenticated = True
+        self._say_hello()
         if self._on_stream is not None and self._incoming_queue:
             self.on_stream = self._on_stream  # dispatch what arrived with the verdict
+
+
+def certificate_key(der: bytes) -> object:
+    return x509.load_der_x509_certificate(der).public_key()
 
 
 async def _send_frames(writer: asyncio.StreamWriter, frames: tuple[dict, ...]) -> None:

@@ -1,12 +1,17 @@
 """The UDP endpoint: one socket per node that both accepts and dials authenticated QUIC
 connections, and the demultiplexer in front of it.
 
-aioquic's `connect()` opens a socket of its own, so datagrams are routed here by destination
-connection id to per-connection drivers, as aioquic's `QuicServer` does, for server *and* client
+qh3's `connect()` opens a socket of its own, so datagrams are routed here by destination
+connection id to per-connection drivers, as qh3's `QuicServer` does, for server *and* client
 connections. What the socket reads is told apart by source and first byte (RFC 7983 / RFC 9443):
 from a relay server's address -> that relay (which may hand back a peer's datagram, relayed);
 first byte 0-3 -> STUN (binding requests and answers: address discovery, connectivity checks);
 anything else -> QUIC. A connection sends through its own `DatagramPath`.
+
+Strangers are bounded before they authenticate (`retry`): a new connection's first Initial gets a
+Retry, and only an Initial that echoes the token bound to its source address gets state; at most
+MAX_UNAUTHENTICATED_PER_SOURCE such handshakes per source IP and MAX_UNAUTHENTICATED in all (past a
+cap the oldest goes), each with `auth_timeout` to authenticate.
 """
 from __future__ import annotations
 
@@ -14,27 +19,33 @@ import asyncio
 import inspect
 import ipaddress
 import logging
+import os
 import socket
 import ssl
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol
 
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from cryptography.hazmat.primitives import serialization
+from qh3._hazmat import pull_quic_header  # noqa: PLC2701 (the tuple form: no dataclass per datagram)
+from qh3.quic.configuration import QuicConfiguration
+from qh3.quic.connection import QuicConnection
+from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_version_negotiation
+from qh3.tls import load_pem_private_key, load_pem_x509_certificates
 
 from common.identity import NodeIdentity
 from common.quic.auth import Authorize
 from common.quic.connection import QuicPeerConnection
-from common.quic.flow import WindowedQuicConnection, disable_pacing
 from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH, CONNECTION_RECEIVE_WINDOW,
-                                LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED, RECEIVE_BATCH, SMALLEST_DATAGRAM,
-                                STREAM_RECEIVE_WINDOW, datagram_size_for)
+                                LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE, RECEIVE_BATCH,
+                                SMALLEST_DATAGRAM, STREAM_RECEIVE_WINDOW, datagram_size_for)
 from common.quic.paths import (DatagramPath, UdpSocketPath, enable_icmp_errors, icmp_error_text, open_udp_socket,
                                read_icmp_errors)
+from common.quic.retry import HandshakeSlots, RetryTokens
 
 log = logging.getLogger("mesh.quic")
 
 _SUPPORTED_VERSIONS = QuicConfiguration().supported_versions
+_INITIAL = int(QuicPacketType.INITIAL)
+_VERSION_NEGOTIATION = int(QuicPacketType.VERSION_NEGOTIATION)
 
 
 class RelayReceiver(Protocol):
@@ -50,7 +61,7 @@ class QuicEndpoint:
                  authorize: Authorize = lambda node_id, claims, nonce: None,
                  on_connection: Callable[[QuicPeerConnection], Awaitable[None] | None] | None = None,
                  idle_timeout: float = 10.0, max_datagram_size: int | None = None,
-                 auth_timeout: float = 10.0):
+                 auth_timeout: float = 10.0, retry: bool = True):
         self.identity = identity
         self.alpn = alpn
         self.host = host
@@ -73,8 +84,18 @@ class QuicEndpoint:
         self._tasks: set[asyncio.Task] = set()
         self._closing = False
         self.local_address: tuple[str, int] = (host, port)
-        self._private_key = identity.private_key
-        self._certificate = identity.certificate
+        # qh3 takes its own key and certificate types
+        self._private_key = load_pem_private_key(identity.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        self._certificate = load_pem_x509_certificates(identity.certificate.public_bytes(serialization.Encoding.PEM))[0]
+        # Address validation (Retry) and the caps on strangers (module docstring). `retry=False`
+        # is for measuring what a Retry costs; a node always validates.
+        self.retry = retry
+        self._retry_tokens = RetryTokens()
+        self._pending: HandshakeSlots[QuicPeerConnection] = HandshakeSlots(
+            per_source=MAX_UNAUTHENTICATED_PER_SOURCE, total=MAX_UNAUTHENTICATED)
+        self.retries_sent = 0
+        self.handshakes_dropped = 0
 
     # -- public API --------------------------------------------------------------------------
 
@@ -82,6 +103,11 @@ class QuicEndpoint:
     def connections(self) -> list[QuicPeerConnection]:
         """Open, authenticated connections (both directions)."""
         return [c for c in self._connections if c.authenticated and not c.is_closed]
+
+    @property
+    def pending_handshakes(self) -> int:
+        """Accepted connections that have not authenticated yet (each holds a slot)."""
+        return len(self._pending)
 
     async def start(self) -> tuple[str, int]:
         self._loop = asyncio.get_running_loop()
@@ -108,10 +134,8 @@ class QuicEndpoint:
         host, port = address[0], int(address[1])
         sockaddr = await self._resolve(host, port)
         config = self._configuration(is_client=True, host=sockaddr[0],
-                                     first_datagram=getattr(path, "max_datagram", None))
-        quic = WindowedQuicConnection(configuration=config, stream_window=STREAM_RECEIVE_WINDOW,
-                                      connection_window=CONNECTION_RECEIVE_WINDOW)
-        disable_pacing(quic)
+                                     path_limit=getattr(path, "max_datagram", None))
+        quic = QuicConnection(configuration=config)
         connection = QuicPeerConnection(self, quic, sockaddr, dialed=True, path=path or self.socket_path)
         self._connections.add(connection)
         self._by_cid[quic.host_cid] = connection
@@ -148,16 +172,18 @@ class QuicEndpoint:
 
     # -- connections ---------------------------------------------------------------------------
 
-    def _configuration(self, *, is_client: bool, host: str, first_datagram: int | None = None) -> QuicConfiguration:
+    def _configuration(self, *, is_client: bool, host: str, path_limit: int | None = None) -> QuicConfiguration:
+        # qh3 also advertises this as max_udp_payload_size, which caps what the peer sends us:
+        # bounded by the host's network and by the path (a relay's own limit), not by the
+        # client's first Initial.
         size = min(self.max_datagram_size or datagram_size_for(host), LOOPBACK_DATAGRAM)
-        if first_datagram is not None:
-            # The client's padded Initial proves how large a datagram this path carries.
-            size = min(size, first_datagram)
+        if path_limit is not None:
+            size = min(size, path_limit)
         config = QuicConfiguration(
             is_client=is_client, alpn_protocols=[self.alpn], idle_timeout=self.idle_timeout,
             max_datagram_size=max(SMALLEST_DATAGRAM, size), connection_id_length=CONNECTION_ID_LENGTH,
             max_data=CONNECTION_RECEIVE_WINDOW, max_stream_data=STREAM_RECEIVE_WINDOW,
-            congestion_control_algorithm="cubic", initial_rtt=0.01,
+            initial_rtt=0.01,
         )
         if is_client:
             config.verify_mode = ssl.CERT_NONE  # self-signed: the node id is pinned after the handshake
@@ -189,22 +215,20 @@ class QuicEndpoint:
             raise ConnectionError(f"cannot reach IPv6 address {ip} from an IPv4 endpoint")
         return (str(ip), port)
 
-    def _accept(self, header: Any, data: bytes, addr: tuple, path: DatagramPath) -> QuicPeerConnection | None:
-        pending = sum(1 for c in self._connections if not c.authenticated)
-        if pending >= MAX_UNAUTHENTICATED:
-            return None
-        first = min(len(data), getattr(path, "max_datagram", None) or len(data))
-        config = self._configuration(is_client=False, host=addr[0], first_datagram=first)
-        quic = WindowedQuicConnection(configuration=config,
-                                      original_destination_connection_id=header.destination_cid,
-                                      stream_window=STREAM_RECEIVE_WINDOW,
-                                      connection_window=CONNECTION_RECEIVE_WINDOW)
-        disable_pacing(quic)
+    def _accept(self, original_cid: bytes, retry_cid: bytes | None, destination_cid: bytes, data: bytes,
+                addr: tuple, path: DatagramPath) -> QuicPeerConnection:
+        config = self._configuration(is_client=False, host=addr[0], path_limit=getattr(path, "max_datagram", None))
+        quic = QuicConnection(configuration=config, original_destination_connection_id=original_cid,
+                              retry_source_connection_id=retry_cid)
         connection = QuicPeerConnection(self, quic, addr, dialed=False, path=path)
+        for evicted in self._pending.admit(connection, addr[0]):
+            self.handshakes_dropped += 1
+            evicted._close(CLOSE_AUTH_FAILED, "too many unauthenticated handshakes")
+            evicted._abandon("dropped: too many unauthenticated handshakes")
         connection._auth_deadline = self._loop.call_later(
             self.auth_timeout, self._expire_unauthenticated, connection)
         self._connections.add(connection)
-        self._by_cid[header.destination_cid] = connection
+        self._by_cid[destination_cid] = connection
         self._by_cid[quic.host_cid] = connection
         return connection
 
@@ -213,6 +237,7 @@ class QuicEndpoint:
             connection._close(CLOSE_AUTH_FAILED, "authentication timed out")
 
     def _connection_authenticated(self, connection: QuicPeerConnection) -> None:
+        self._pending.release(connection)
         if connection._auth_deadline is not None:
             connection._auth_deadline.cancel()
             connection._auth_deadline = None
@@ -234,6 +259,7 @@ class QuicEndpoint:
             log.error("on_connection failed", exc_info=task.exception())
 
     def _connection_closed(self, connection: QuicPeerConnection) -> None:
+        self._pending.release(connection)
         if connection._auth_deadline is not None:
             connection._auth_deadline.cancel()
             connection._auth_deadline = None
@@ -297,7 +323,7 @@ class QuicEndpoint:
         try:
             connection._datagram_received(data, addr, now, path)
         except Exception:
-            log.exception("dropping a datagram aioquic could not handle")
+            log.exception("dropping a datagram qh3 could not handle")
             return
         touched[connection] = None
 
@@ -317,20 +343,36 @@ class QuicEndpoint:
 
     def _route_long_header(self, data: bytes, addr: tuple, path: DatagramPath) -> QuicPeerConnection | None:
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=CONNECTION_ID_LENGTH)
+            version, packet_type, _, destination_cid, source_cid, token = \
+                pull_quic_header(data, 0, CONNECTION_ID_LENGTH)[:6]
         except ValueError:
             return None
-        connection = self._by_cid.get(header.destination_cid)
+        connection = self._by_cid.get(destination_cid)
         if connection is not None:
             return connection
-        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+        if packet_type == _VERSION_NEGOTIATION:
             return None
-        if header.version is not None and header.version not in _SUPPORTED_VERSIONS:
+        if version is not None and version not in _SUPPORTED_VERSIONS:
             path.send([(encode_quic_version_negotiation(
-                source_cid=header.destination_cid, destination_cid=header.source_cid,
+                source_cid=destination_cid, destination_cid=source_cid,
                 supported_versions=_SUPPORTED_VERSIONS), addr)])
             return None
-        if (header.packet_type == QuicPacketType.INITIAL and len(data) >= SMALLEST_DATAGRAM
-                and not self._closing):
-            return self._accept(header, data, addr, path)
-        return None
+        if packet_type != _INITIAL or len(data) < SMALLEST_DATAGRAM or self._closing:
+            return None
+        if not self.retry:
+            return self._accept(destination_cid, None, destination_cid, data, addr, path)
+        now = self._loop.time()
+        checked = self._retry_tokens.check(addr, token, now) if token else None
+        if checked is None:
+            # Keep nothing: the token binds this address to the ids; only an echo gets state.
+            retry_cid = os.urandom(CONNECTION_ID_LENGTH)
+            path.send([(encode_quic_retry(
+                version=version, source_cid=retry_cid, destination_cid=source_cid,
+                original_destination_cid=destination_cid,
+                retry_token=self._retry_tokens.issue(addr, destination_cid, retry_cid, now)), addr)])
+            self.retries_sent += 1
+            return None
+        original_cid, retry_cid = checked
+        if destination_cid != retry_cid:
+            return None
+        return self._accept(original_cid, retry_cid, destination_cid, data, addr, path)

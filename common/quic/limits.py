@@ -5,19 +5,21 @@ import ipaddress
 
 CONNECTION_ID_LENGTH = 8
 SMALLEST_DATAGRAM = 1200
-# Per-packet Python work dominates aioquic's cost, so carry as much per datagram as the path
-# allows. Loopback's MTU is 64 KiB, but aioquic 1.7 writes STREAM frame lengths as 2-byte
-# varints (< 16384), so 16 KiB is its ceiling: 63 MB/s vs 9 MB/s at 1200 bytes (measured).
+# Per-packet work (Python's, around qh3's native core) dominates the cost, so carry as much per
+# datagram as the path allows. Loopback's MTU is 64 KiB; 16 KiB was aioquic's ceiling (2-byte
+# STREAM frame lengths) and stays the loopback size.
 LOOPBACK_DATAGRAM = 16384
 LAN_DATAGRAM = 1452           # 1500-byte Ethernet MTU minus IP/UDP headers, with margin
-STREAM_RECEIVE_WINDOW = 4 << 20
+STREAM_RECEIVE_WINDOW = 4 << 20   # unconsumed bytes a writer may have outstanding per stream
+STREAM_CREDIT_STEP = 1 << 20      # a reader reports what it consumed every this many bytes
 CONNECTION_RECEIVE_WINDOW = 16 << 20
 WRITE_HIGH_WATER = 1 << 20
 WRITE_LOW_WATER = 256 << 10
 STREAM_READER_LIMIT = 256 << 10   # StreamReader pauses the QUIC stream above twice this
 SOCKET_BUFFER_BYTES = 8 << 20
 RECEIVE_BATCH = 128
-MAX_UNAUTHENTICATED = 256         # concurrent handshakes a server side accepts
+MAX_UNAUTHENTICATED = 256         # concurrent handshakes a server side accepts, in all
+MAX_UNAUTHENTICATED_PER_SOURCE = 16   # ... and from one source IP (past a cap the oldest goes)
 AUTH_FRAME_MAX_BYTES = 64 << 10
 AUTH_STREAM_ID = 1                # the first server-initiated bidirectional stream
 CLOSE_NORMAL = 0x0

@@ -6,12 +6,18 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
-from common.quic.limits import STREAM_ABORTED, WRITE_HIGH_WATER, WRITE_LOW_WATER
+from qh3.quic.connection import QuicConnectionError
+
+from common.quic.limits import (STREAM_ABORTED, STREAM_CREDIT_STEP, STREAM_RECEIVE_WINDOW, WRITE_HIGH_WATER,
+                                WRITE_LOW_WATER)
 
 if TYPE_CHECKING:
     from common.quic.connection import QuicPeerConnection
 
 log = logging.getLogger("mesh.quic")
+
+# What qh3 raises for an operation on a stream that was reset or finished under us.
+_STREAM_GONE = (ValueError, RuntimeError, AssertionError, QuicConnectionError)
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], "Awaitable[None] | None"]
 
@@ -19,9 +25,10 @@ StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], "Awaitabl
 class QuicStreamTransport(asyncio.Transport):
     """One bidirectional QUIC stream as an asyncio Transport.
 
-    Half-close works as with TCP (`write_eof`); `pause_reading` withholds flow-control credit
-    from the peer; the protocol's `pause_writing`/`resume_writing` follow the amount of data
-    written but not yet acknowledged. `set_protocol` may switch a stream that was handed out as
+    Half-close works as with TCP (`write_eof`); `pause_reading` holds what arrives until
+    `resume_reading`, and stops crediting the peer (the connection's stream credit); the protocol's
+    `pause_writing`/`resume_writing` follow the data written but not yet sent, and the data the
+    peer's reader has not consumed yet. `set_protocol` may switch a stream that was handed out as
     a StreamReader/StreamWriter pair to a protocol (bytes the reader still held are replayed
     into the new protocol) — the tunnels splice that way, without a coroutine per chunk.
     """
@@ -42,7 +49,12 @@ class QuicStreamTransport(asyncio.Transport):
         self._write_broken = False    # peer stopped reading / stream reset: writes are dropped
         self._closing = False
         self._lost = False
-        self._quic_stream: Any = None  # aioquic's QuicStream, once it exists
+        self._held: list[bytes] = []   # data that arrived while reading was paused
+        self._held_eof = False
+        self._written = 0         # bytes written, and how many of them the peer's reader consumed
+        self._peer_consumed = 0
+        self._consumed = 0        # bytes our protocol took, and how many the peer was told of
+        self._reported = 0
         self._writer_ref: weakref.ref | None = None
         self._writer_keepalive: asyncio.StreamWriter | None = None
 
@@ -90,11 +102,13 @@ class QuicStreamTransport(asyncio.Transport):
             raise RuntimeError("Cannot call write() after write_eof()")
         try:
             self._quic.send_stream_data(self.stream_id, data)
-        except (ValueError, RuntimeError):  # the stream was reset or finished under us
+        except _STREAM_GONE:  # the stream was reset or finished under us
             self._write_broken = True
             return
+        self._written += len(data)
         self._connection._schedule_transmit()
-        if not self._writing_paused and self.get_write_buffer_size() > self._high_water:
+        if not self._writing_paused and (self.get_write_buffer_size() > self._high_water or (
+                self._written - self._peer_consumed > STREAM_RECEIVE_WINDOW and self._connection.peer_reports_credit)):
             self._writing_paused = True
             self._connection._drain_watch.add(self)
             self._protocol.pause_writing()
@@ -109,7 +123,7 @@ class QuicStreamTransport(asyncio.Transport):
         if not self._write_broken:
             try:
                 self._quic.send_stream_data(self.stream_id, b"", end_stream=True)
-            except (ValueError, RuntimeError):
+            except _STREAM_GONE:
                 self._write_broken = True
             self._connection._schedule_transmit()
 
@@ -131,7 +145,7 @@ class QuicStreamTransport(asyncio.Transport):
         self._closing = True
         try:
             self._quic.reset_stream(self.stream_id, STREAM_ABORTED)
-        except (ValueError, RuntimeError):
+        except _STREAM_GONE:
             pass
         if not self._eof_received:
             self._stop_receiving()
@@ -139,15 +153,24 @@ class QuicStreamTransport(asyncio.Transport):
         self._lose(None)
 
     def pause_reading(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self._quic.read_paused.add(self.stream_id)
+        self._reading_paused = True
 
     def resume_reading(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            self._quic.read_paused.discard(self.stream_id)
-            self._connection._schedule_transmit()  # so the MAX_STREAM_DATA goes out now
+        if not self._reading_paused:
+            return
+        self._reading_paused = False
+        held, self._held = self._held, []
+        for index, data in enumerate(held):
+            if self._lost or self._closing:
+                return
+            self._protocol.data_received(data)  # type: ignore[attr-defined]
+            self._count_consumed(len(data))
+            if self._reading_paused:  # paused again: keep the rest
+                self._held[:0] = held[index + 1:]
+                return
+        if self._held_eof:
+            self._held_eof = False
+            self._on_data(b"", True)
 
     def is_reading(self) -> bool:
         return not self._reading_paused and not self._lost
@@ -160,31 +183,47 @@ class QuicStreamTransport(asyncio.Transport):
         return self._low_water, self._high_water
 
     def get_write_buffer_size(self) -> int:
-        if self._write_broken:
+        if self._write_broken or self._lost:
             return 0
-        stream = self._quic_stream
-        if stream is None:
-            stream = self._quic_stream = self._quic._streams.get(self.stream_id)  # noqa: SLF001
-            if stream is None:
-                return 0
-        sender = stream.sender
-        return sender._buffer_stop - sender._buffer_start  # noqa: SLF001 (unacknowledged bytes)
+        try:
+            return self._quic.get_send_buffer_size(self.stream_id)  # queued, not yet sent
+        except _STREAM_GONE:
+            return 0
 
     # -- driven by the connection ------------------------------------------------------------
 
     def _on_data(self, data: bytes, end_stream: bool) -> None:
         if self._lost or self._closing:
             return
+        if self._reading_paused:
+            if data:
+                self._held.append(data)
+            self._held_eof = self._held_eof or end_stream
+            return
         if data:
             self._protocol.data_received(data)  # type: ignore[attr-defined]
+            self._count_consumed(len(data))
         if end_stream and not self._eof_received:
             self._eof_received = True
             self._protocol.eof_received()  # type: ignore[attr-defined]
             if self._write_broken:  # both directions are over
                 self._connection._loop.call_soon(self._lose, None)
 
-    def _on_acked(self) -> None:
-        if self._writing_paused and self.get_write_buffer_size() <= self._low_water:
+    def _count_consumed(self, n: int) -> None:
+        self._consumed += n
+        if self._consumed - self._reported >= STREAM_CREDIT_STEP:
+            self._reported = self._consumed
+            self._connection._report_consumed(self.stream_id, self._consumed)
+
+    def _on_credit(self, consumed: int) -> None:
+        if consumed > self._peer_consumed:
+            self._peer_consumed = consumed
+            self._on_sent()
+
+    def _on_sent(self) -> None:
+        if (self._writing_paused and self.get_write_buffer_size() <= self._low_water
+                and (self._written - self._peer_consumed <= STREAM_RECEIVE_WINDOW // 2
+                     or not self._connection.peer_reports_credit)):
             self._writing_paused = False
             self._connection._drain_watch.discard(self)
             if not self._lost:
@@ -195,7 +234,7 @@ class QuicStreamTransport(asyncio.Transport):
         self._lose(ConnectionResetError(f"QUIC stream {self.stream_id} reset by the peer"))
 
     def _on_stop_sending(self) -> None:
-        # aioquic has already reset our sending side: later writes are dropped (as asyncio does
+        # qh3 has already reset our sending side: later writes are dropped (as asyncio does
         # for a closed socket) and a blocked drain() is released. Reading goes on: the peer may
         # still be sending, and its FIN or RESET ends the stream.
         self._write_broken = True
@@ -213,9 +252,9 @@ class QuicStreamTransport(asyncio.Transport):
     def _stop_receiving(self) -> None:
         try:
             self._quic.stop_stream(self.stream_id, STREAM_ABORTED)
-        except ValueError:
+        except _STREAM_GONE:
             pass
-        self._quic.read_paused.discard(self.stream_id)
+        self._held.clear()
         self._connection._schedule_transmit()
 
     def _lose(self, exc: BaseException | None) -> None:
@@ -227,7 +266,7 @@ class QuicStreamTransport(asyncio.Transport):
         self._writer_keepalive = None
         self._connection._drain_watch.discard(self)
         self._connection._forget_stream(self.stream_id)
-        self._quic.read_paused.discard(self.stream_id)
+        self._held.clear()
         try:
             self._protocol.connection_lost(exc)
         except Exception:  # a user protocol's bug must not take the connection down

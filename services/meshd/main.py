@@ -1,6 +1,6 @@
 """meshd: this node's identity, admission and gossip over QUIC.
 
-One aioquic endpoint accepts and dials. A dialer gets in only by proving it holds the mesh secret
+One QUIC endpoint (qh3) accepts and dials. A dialer gets in only by proving it holds the mesh secret
 (from an invite token) over the server's fresh nonce; the server's certificate is pinned to its
 node id. Once in, nodes gossip their announcements on a control stream and keep a direct
 connection to every other node (the host needs one to each worker anyway), so liveness is simply

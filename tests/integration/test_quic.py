@@ -163,9 +163,9 @@ def test_authorize_rejection_reaches_the_dialer(identities) -> None:
 
 
 def test_unauthenticated_quic_peer_cannot_reach_on_stream(identities) -> None:
-    """A plain aioquic client completes the TLS handshake but never answers the challenge."""
-    from aioquic.asyncio import connect
-    from aioquic.quic.configuration import QuicConfiguration
+    """A plain QUIC client (qh3's own) completes the TLS handshake but never answers the challenge."""
+    from qh3.asyncio import connect
+    from qh3.quic.configuration import QuicConfiguration
     a, b, _ = identities
 
     async def main():
@@ -205,10 +205,10 @@ def test_unauthenticated_quic_peer_cannot_reach_on_stream(identities) -> None:
 
 def test_oversized_auth_answer_closes_only_that_connection(identities) -> None:
     """A dialer whose answer frame claims 100 MB is cut off without hurting the endpoint."""
-    from aioquic.asyncio import connect
-    from aioquic.asyncio.protocol import QuicConnectionProtocol
-    from aioquic.quic import events
-    from aioquic.quic.configuration import QuicConfiguration
+    from qh3.asyncio import connect
+    from qh3.asyncio.protocol import QuicConnectionProtocol
+    from qh3.quic import events
+    from qh3.quic.configuration import QuicConfiguration
     a, b, _ = identities
 
     class Liar(QuicConnectionProtocol):
