@@ -125,11 +125,14 @@ class Firefox:
 # --- page helpers, for either browser ----------------------------------------------------------------
 
 def text(driver, css: str) -> str:
-    try:
-        found = driver.find_elements(CSS, css)
-        return found[0].text if found else ""
-    except STALE:
-        return ""
+    """The element's text now; a live update that re-rendered it meanwhile means: look it up again."""
+    for _ in range(20):
+        try:
+            found = driver.find_elements(CSS, css)
+            return found[0].text if found else ""
+        except STALE:
+            continue
+    return ""
 
 
 def click(driver, css: str) -> None:
