@@ -261,7 +261,7 @@ def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
     wait_text(browser, "#toks-line", "tok/s")
 
 
-def test_tok_s_covers_requests_from_outside_the_console(world, browser):
+def test_tok_s_covers_requests_from_outside_the_console(world, browser, artifacts):
     """A request through A's API (not the console) shows up in the live view's and meshctl's tok/s."""
     a = world["a"]
     assert a.chat("Count from one to twenty.", max_tokens=24) is not None
@@ -272,6 +272,8 @@ def test_tok_s_covers_requests_from_outside_the_console(world, browser):
     figure = f"{decode['tok_s']:.1f} tok/s ({decode['tokens']} tokens"
     wait_text(browser, "#toks-line", f"Recent requests on this node's llama-server: {figure}", timeout=20)
     assert "from this console" in text(browser, "#toks-line")  # the console's own chats are still listed
+    shot(browser, artifacts, "03-mesh-tok-s")
+    browser.set_window_size(1280, 1000)
     status = meshctl("status", home=a.home)
     assert f"decode: {decode['tok_s']:.1f} tok/s (recent requests: {decode['tokens']} tokens" in status.stdout
 
