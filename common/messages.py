@@ -57,6 +57,13 @@ class SpeculationState(Message):
     acceptance_rate: float | None = None
 
 
+class DecodeRate(Message):
+    """tok/s of the requests llama-server finished between two reads of its /metrics (the latest such)."""
+    tok_s: float | None = None
+    tokens: int = 0
+    at: float = 0.0  # unix time of the read
+
+
 class RunnerState(Message):
     kind: Literal["runner_state"] = "runner_state"
     node_id: str = ""
@@ -75,6 +82,7 @@ class RunnerState(Message):
     llama_plan_key: str = ""
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
     speculation: SpeculationState = Field(default_factory=SpeculationState)
+    decode: DecodeRate = Field(default_factory=DecodeRate)  # recent requests, all senders
     error: str | None = None
     status: str = ""
     progress: str = ""  # the long step under way and how far it is, e.g. "building llama.cpp 40%"

@@ -221,6 +221,10 @@ def render_status(status: dict) -> str:
         accepted = (f"; drafts accepted {rate:.0%} ({spec['accepted_tokens']}/{spec['drafted_tokens']} tokens)"
                     if rate is not None else ("; no drafts yet" if spec["mode"] != "off" else ""))
         lines.append(f"speculative decoding: {spec['mode']} — {spec.get('reason', '')}{accepted}")
+    decode = runner.get("decode") or {}
+    if decode.get("tok_s"):
+        lines.append(f"decode: {decode['tok_s']:.1f} tok/s (recent requests: {decode['tokens']} tokens, "
+                     f"{max(time.time() - decode['at'], 0):.0f} s ago)")
     for w in runner.get("weights", []):
         lines.append(f"weights of {w['node_id'][:8]}: {w['local_bytes'] / 1e6:.1f} MB from its own GGUF, "
                      f"{w['sent_bytes'] / 1e6:.1f} MB sent" + (f" ({w['misses']} tensors missed)" if w["misses"] else ""))

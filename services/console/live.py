@@ -86,7 +86,8 @@ def mesh_view(mesh: MeshState | None, plan: Plan | None, runner: RunnerState | N
             "status": runner.status, "backend": runner.backend,
             "model": runner.model.model_dump() if runner.model else None,
             "llama": runner.llama.model_dump(), "rpc": runner.rpc.model_dump(),
-            "weights": [w.model_dump() for w in runner.weights]},
+            "weights": [w.model_dump() for w in runner.weights], "progress": runner.progress,
+            "decode": runner.decode.model_dump()},
         "gateway": None if gateway is None else {
             "api_url": gateway.api_url, "upstream": gateway.upstream, "served": gateway.requests_served,
             "failed": gateway.requests_failed},

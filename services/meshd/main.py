@@ -17,6 +17,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from typing import Callable
 
 from common.addresses import advertised_addresses
 from common.bus import ServiceBus
@@ -88,6 +89,7 @@ class Meshd:
         self.gossip_memory = GossipMemory()
         self.last_heard: dict[str, float] = {}
         self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
+        self.redials: set[asyncio.Task] = set()  # dials to known members under way: leaving cancels them
         self.errors: list[str] = []
         self.listen: list[tuple[str, int]] = []
         self.runner = RunnerState()
@@ -148,9 +150,13 @@ class Meshd:
     async def on_inbound(self, conn: QuicPeerConnection) -> None:
         conn.on_stream = lambda reader, writer: self.run_link(conn, reader, writer)
 
-    async def dial(self, node_id: str | None, addrs: list, secret: MeshSecret) -> QuicPeerConnection:
+    async def dial(self, node_id: str | None, addrs: list, secret: MeshSecret,
+                   still_wanted: Callable[[], bool] = lambda: True) -> QuicPeerConnection:
         """Dial every candidate address (staggered, checked ones first); the first that authenticates wins."""
         conn = await race_dial(self.endpoint, self.reach, node_id, addrs, self.claims_for(secret), relays=self.relays)
+        if not still_wanted():
+            await conn.close()
+            raise ConnectionError("this node left that mesh while the dial was under way")
         reader, writer = await conn.open_stream()
         asyncio.ensure_future(self.run_link(conn, reader, writer))
         return conn
@@ -311,8 +317,11 @@ class Meshd:
             await asyncio.sleep(1.0)
 
     async def redial(self, node_id: str, addrs: list, failures: int) -> None:
+        task, secret = asyncio.current_task(), self.secret
+        self.redials.add(task)
         try:
-            await self.dial(node_id, addrs, self.secret)
+            # A member of the mesh we were in when it started: not once we have left (or joined another).
+            await self.dial(node_id, addrs, secret, still_wanted=lambda: self.secret.mesh_id == secret.mesh_id)
         except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
             if failures >= FORGET_AFTER_FAILED_DIALS and node_id not in self.view and node_id in self.secret.known:
                 del self.secret.known[node_id]  # gone for good (or moved): stop dialing it
@@ -320,6 +329,8 @@ class Meshd:
             delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
             self.dial_failures[node_id] = (failures + 1, time.monotonic() + delay)
             log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
+        finally:
+            self.redials.discard(task)
 
     async def join(self, text: str) -> Reply:
         try:
@@ -366,8 +377,15 @@ class Meshd:
         self.save_secret()
 
     async def on_leave(self, _: LeaveRequest) -> Reply:
-        """Say goodbye to every peer, then belong to a fresh mesh of one: old members' redials are refused."""
+        """Belong to a fresh mesh of one, forget the old members, then say goodbye to every peer.
+        The new mesh id comes first: from then on old members' dials in are refused, and our own
+        dials to them that are under way are cancelled (and would be dropped if they got through)."""
         old_mesh = self.secret.mesh_id
+        self.secret = MeshSecret(mesh_id=new_mesh_id(), secret=new_secret())  # known members: none
+        self.save_secret()
+        self.view, self.last_heard, self.dial_failures = {}, {}, {}
+        for task in list(self.redials):
+            task.cancel()
         for links in list(self.links.values()):
             for link in list(links):
                 try:
@@ -375,9 +393,6 @@ class Meshd:
                 except Exception:
                     pass
                 await link.conn.close()
-        self.secret = MeshSecret(mesh_id=new_mesh_id(), secret=new_secret())
-        self.save_secret()
-        self.view, self.last_heard, self.dial_failures = {}, {}, {}
         log.info("left mesh %s; now alone in mesh %s", old_mesh, self.secret.mesh_id)
         self.bus.state_changed()
         return Reply(ok=True, data={"left": old_mesh, "mesh_id": self.secret.mesh_id})

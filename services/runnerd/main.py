@@ -28,7 +28,7 @@ from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
-from common.messages import (Announcement, ChildState, GatewayState, MeshState, Plan, Reply, RunnerState,
+from common.messages import (Announcement, ChildState, DecodeRate, GatewayState, MeshState, Plan, Reply, RunnerState,
                              SpeculationState, StatusRequest, WeightLoad)
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
@@ -37,12 +37,13 @@ from services.gatewayd.policy import rpc_allowed
 from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
 from services.runnerd.memory import detect_memory
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
+from services.runnerd.throughput import decode_totals, recent_rate
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
-METRICS_EVERY_S = 5.0  # how often the draft acceptance is read from llama-server's /metrics
+METRICS_EVERY_S = 5.0  # how often the decode rate and draft acceptance are read from llama-server's /metrics
 DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
 
 
@@ -290,20 +291,29 @@ class Runnerd:
                                                      reason=choice.reason))
         return self.speculation[1]
 
-    async def watch_draft_acceptance(self) -> None:
-        """Keep the draft acceptance of the serving llama-server in our state (from its /metrics)."""
+    async def watch_metrics(self) -> None:
+        """Keep the serving llama-server's decode rate of recent requests and its draft acceptance in
+        our state (from its /metrics)."""
+        totals: tuple[int, tuple[float, float] | None] = (0, None)  # (port, counters) at the last read
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 await asyncio.sleep(METRICS_EVERY_S)
                 llama, spec = self.llama, self.state.speculation
-                if llama is None or not llama.running() or self.state.llama.state != "ready" or spec.mode == "off":
+                if llama is None or not llama.running() or self.state.llama.state != "ready":
                     continue
                 key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
+                port = self.state.llama.port
                 try:
-                    counts = draft_counts((await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics",
-                                                            headers={"Authorization": f"Bearer {key}"} if key else {})).text)
+                    text = (await client.get(f"http://127.0.0.1:{port}/metrics",
+                                             headers={"Authorization": f"Bearer {key}"} if key else {})).text
                 except httpx.HTTPError:
                     continue
+                now = decode_totals(text)
+                rate = recent_rate(totals[1], now) if totals[0] == port else None
+                totals = (port, now)
+                if rate:
+                    self.update(decode=DecodeRate(tokens=rate[0], tok_s=rate[1], at=time.time()))
+                counts = draft_counts(text) if spec.mode != "off" else None
                 if counts and counts != (spec.drafted_tokens, spec.accepted_tokens):
                     drafted, accepted = counts
                     self.update(speculation=spec.model_copy(update={
@@ -422,7 +432,7 @@ class Runnerd:
         if await self.prepare():
             tasks.spawn("rpc-server", self.keep_rpc_server())
             tasks.spawn("llama-server", self.keep_llama_server())
-            tasks.spawn("draft-acceptance", self.watch_draft_acceptance())
+            tasks.spawn("metrics", self.watch_metrics())
             tasks.spawn("direct-paths", self.check_direct_paths())
         failure = await tasks.run_until(stopping)
         for child in (self.llama, self.rpc):

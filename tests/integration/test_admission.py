@@ -12,7 +12,7 @@ import time
 import pytest
 
 from common.bus import request
-from common.messages import StatusRequest
+from common.messages import LeaveRequest, StatusRequest
 from tests.integration.harness import MESHCTL, Node, meshctl
 from tests.support.procs import free_port, wait_until
 
@@ -156,3 +156,30 @@ def test_leave_is_noticed_at_once(nodes):
     wait_until(lambda: c_id in peers_of(a), timeout=60, what="C known to A")
     c.stop()
     wait_until(lambda: c_id not in peers_of(a), timeout=8, what="A noticing C left")
+
+
+def test_a_redial_in_flight_at_leave_does_not_relink_to_the_old_mesh(nodes):
+    """A leaves while its redial to a hung B is still waiting on B's answer; when B wakes and answers,
+    that dial must not link A back into the old mesh (B would then count A as a member)."""
+    a, b, _ = nodes
+    a_id, b_id = a.node_id(), b.node_id()
+    if b_id not in connected_ids(a):  # run on its own
+        assert meshctl("join", a.token(), home=b.home, timeout=60).returncode == 0
+    wait_until(lambda: b_id in connected_ids(a), timeout=60, what="B connected to A")
+    pid = b.service_pid("meshd")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        failed = lambda: next((p["status"] for p in meshd_status(a).get("peers", [])  # noqa: E731
+                               if p["announcement"]["node_id"] == b_id and "failed dials" in p["status"]), "")
+        wait_until(failed, timeout=30, interval=0.1, what="A's first redial of the hung B failing")
+        # The next redial starts 1-2 s later and waits 5 s on B: leave in the middle of it.
+        time.sleep(3.0)  # noqa: a fixed point inside the dial's window, not a poll
+        reply = request(a.home, "meshd", LeaveRequest(), timeout=10.0)
+        assert reply.ok, reply.error
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_until(lambda: a_id not in connected_ids(b), timeout=20, interval=0.2, what="B dropping the A that left")
+    deadline = time.monotonic() + 8.0  # past the end of any dial A had in flight
+    while time.monotonic() < deadline:
+        assert a_id not in connected_ids(b), "a redial from before the leave linked A back into the old mesh"
+        time.sleep(0.2)

@@ -1,4 +1,7 @@
-"""The web console in a real browser (Debian's headless Chromium through Selenium) against real nodes.
+"""The web console in real browsers against real nodes: Debian's headless Chromium (Selenium) through
+the whole scenario, and Debian's Firefox ESR (Marionette) through a subset with the same checks: the
+page, the join arriving over the event stream without a reload, the token copy, a chat that streams
+and stops, phone width.
 
 Node A runs with the console on its home; node B is a mesh of its own. The page must show A, join
 B's mesh from a pasted token and show the split, stream a chat and stop it, download a model from
@@ -9,10 +12,8 @@ saved as a PNG under $MESH_TEST_ARTIFACTS (or the test's temp dir).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,18 +24,18 @@ from common.default_model import default_model_path
 from common.gguf_info import inspect_gguf
 from common.local_keys import read_llama_key
 from tests.integration.harness import Node, meshctl
+from tests.support.browsers import (CSS, ID, Firefox, chromium, click, fill, have_chromium, have_firefox, node_rows,
+                                    shot, tab, text, wait_text)
 from tests.support.hub_standin import HubFile, HubRepo, HubStandIn
 from tests.support.procs import free_port, kill_process_tree, wait_until
 
 pytestmark = pytest.mark.slow
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+if not have_chromium():
     pytest.skip("needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
                 allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+pytest.importorskip("selenium.webdriver")
+needs_firefox = pytest.mark.skipif(not have_firefox(), reason="needs Debian's firefox-esr (apt-get install -y "
+                                   "firefox-esr) and marionette-driver (the test extra)")
 
 GATED = "hf_console_test_token"
 
@@ -97,68 +98,24 @@ def _get(url: str):
 
 @pytest.fixture(scope="module")
 def browser(world):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="console-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium()
     driver.set_window_size(1280, 1000)
     driver.get(world["url"] + "/")
     driver.execute_script("window.confirm = () => true")  # the page asks before rotate and leave
     yield driver
     driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
 
 
-def text(driver, css: str) -> str:
-    try:
-        found = driver.find_elements(By.CSS_SELECTOR, css)
-        return found[0].text if found else ""
-    except StaleElementReferenceException:  # re-rendered by a live update just now
-        return ""
-
-
-def click(driver, css: str) -> None:
-    def attempt():
-        try:
-            driver.find_element(By.CSS_SELECTOR, css).click()
-            return True
-        except StaleElementReferenceException:
-            return False
-    wait_until(attempt, timeout=10, what=f"clicking {css}")
-
-
-def wait_text(driver, css: str, needle: str, timeout: float = 30) -> str:
-    return wait_until(lambda: needle in text(driver, css) and text(driver, css), timeout=timeout, interval=0.1,
-                      what=f"{needle!r} in {css} (now {text(driver, css)!r})")
-
-
-def tab(driver, name: str) -> None:
-    driver.find_element(By.ID, f"tab-{name}").click()
-
-
-def shot(driver, artifacts: Path, name: str, full: bool = True) -> Path:
-    path = artifacts / f"{name}.png"
-    driver.execute_script("window.scrollTo(0, 0)")
-    if full:  # the whole page, not just the window
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        width = driver.get_window_size()["width"]
-        driver.set_window_size(width, max(height + 120, 600))
-    driver.save_screenshot(str(path))
-    return path
-
-
-def fill(driver, element_id: str, value: str) -> None:
-    box = driver.find_element(By.ID, element_id)
-    box.clear()
-    box.send_keys(value)
-
-
-def node_rows(driver) -> list[str]:
-    return driver.execute_script(
-        "return [...document.querySelectorAll('#nodes tbody tr[data-node]')].map(r => r.dataset.node)")
+@pytest.fixture(scope="module")
+def firefox(world, artifacts):
+    """The same page in Firefox, opened once with node A solo and never reloaded: what it shows later
+    came over its event stream."""
+    driver = Firefox(log=world["root"] / "firefox.log")
+    driver.set_window_size(1280, 1000)
+    driver.get(world["url"] + "/")
+    driver.execute_script("window.loadedOnce = 'yes'")  # gone if the page ever reloads
+    yield driver
+    driver.quit()
 
 
 def mesh_id(node: Node) -> str:
@@ -167,16 +124,27 @@ def mesh_id(node: Node) -> str:
 
 # --- the scenarios, in order ------------------------------------------------------------------------
 
-def test_page_shows_this_node(world, browser, artifacts):
+def shows_this_node(world, driver) -> None:
     a_id = world["ids"]["a"]
-    wait_until(lambda: node_rows(browser) == [a_id], timeout=30, what="the page listing node A")
-    wait_until(lambda: browser.find_element(By.ID, "plan-line").get_attribute("data-state") == "solo", timeout=60,
+    wait_until(lambda: node_rows(driver) == [a_id], timeout=30, what="the page listing node A")
+    wait_until(lambda: driver.find_element(ID, "plan-line").get_attribute("data-state") == "solo", timeout=60,
                what="the plan shown as solo")
-    assert "host" in text(browser, f'#nodes tr[data-node="{a_id}"]')
-    assert "8.0 GB" in text(browser, f'#nodes tr[data-node="{a_id}"]')
-    wait_text(browser, "#llama-line", "llama-server: ready")
-    assert text(browser, "#live") == "live"
+    assert "host" in text(driver, f'#nodes tr[data-node="{a_id}"]')
+    assert "8.0 GB" in text(driver, f'#nodes tr[data-node="{a_id}"]')
+    wait_text(driver, "#llama-line", "llama-server: ready")
+    assert text(driver, "#live") == "live"
+
+
+def test_page_shows_this_node(world, browser, artifacts):
+    shows_this_node(world, browser)
     shot(browser, artifacts, "01-mesh-one-node")
+
+
+@needs_firefox
+def test_firefox_shows_this_node(world, firefox, artifacts):
+    shows_this_node(world, firefox)
+    shot(firefox, artifacts, "firefox-01-mesh-one-node")
+    firefox.set_window_size(1280, 1000)
 
 
 def test_bad_tokens_get_their_reason_and_change_nothing(world, browser):
@@ -184,9 +152,9 @@ def test_bad_tokens_get_their_reason_and_change_nothing(world, browser):
     for bad, reason in (("not-a-token", "not valid"), ("", "Paste a token first"),
                         (world["a"].token(), "printed by this node itself")):
         fill(browser, "join-input", bad)
-        browser.find_element(By.ID, "join-button").click()
+        browser.find_element(ID, "join-button").click()
         wait_text(browser, "#join-msg", reason)
-        assert "error" in browser.find_element(By.ID, "join-msg").get_attribute("class")
+        assert "error" in browser.find_element(ID, "join-msg").get_attribute("class")
     assert mesh_id(world["a"]) == before and node_rows(browser) == [world["ids"]["a"]]
 
 
@@ -194,13 +162,13 @@ def test_pasting_a_token_joins_and_shows_the_split(world, browser, artifacts):
     ids = world["ids"]
     fill(browser, "join-input", world["b"].token())
     started = time.monotonic()
-    browser.find_element(By.ID, "join-button").click()
+    browser.find_element(ID, "join-button").click()
     wait_text(browser, "#join-msg", "Joined mesh", timeout=40)
 
     def split_shown():
-        segments = browser.find_elements(By.CSS_SELECTOR, "#split-bar .seg")
+        segments = browser.find_elements(CSS, "#split-bar .seg")
         return sorted(node_rows(browser)) == sorted(ids.values()) and len(segments) == 2 and \
-            browser.find_element(By.ID, "plan-line").get_attribute("data-state") == "split"
+            browser.find_element(ID, "plan-line").get_attribute("data-state") == "split"
     wait_until(split_shown, timeout=180, interval=0.1, what="two nodes and a two-part split bar")
     seconds = time.monotonic() - started
     print(f"token pasted → split shown in the page: {seconds:.1f} s")
@@ -220,29 +188,56 @@ def test_pasting_a_token_joins_and_shows_the_split(world, browser, artifacts):
     (artifacts / "join-to-split-seconds.txt").write_text(f"split shown {seconds:.1f} s, serving it {serving:.1f} s\n")
 
 
+@needs_firefox
+def test_firefox_follows_the_join_without_a_reload(world, firefox, artifacts):
+    """Chromium pasted the token; the Firefox page, open since A was solo, shows the split from its event stream."""
+    ids = world["ids"]
+    wait_until(lambda: sorted(node_rows(firefox)) == sorted(ids.values()) and
+               len(firefox.find_elements(CSS, "#split-bar .seg")) == 2, timeout=60, interval=0.1,
+               what="two nodes and a two-part split bar in Firefox")
+    assert firefox.execute_script("return window.loadedOnce") == "yes", "the Firefox page reloaded"
+    bar = text(firefox, "#split-bar")
+    assert "67%" in bar and "33%" in bar
+    wait_text(firefox, "#llama-line", "llama-server: ready", timeout=60)
+    assert "worker" in text(firefox, f'#nodes tr[data-node="{ids["b"]}"]')
+    shot(firefox, artifacts, "firefox-02-mesh-split")
+    firefox.set_window_size(1280, 1000)
+
+
+@needs_firefox
+def test_firefox_shows_and_copies_the_token(world, firefox):
+    firefox.find_element(ID, "show-token").click()
+    box = firefox.find_element(ID, "token-box")
+    wait_until(lambda: box.get_property("value"), timeout=10, what="the token shown in Firefox")
+    assert box.get_property("value") == world["a"].token()
+    firefox.find_element(ID, "copy-token").click()
+    wait_text(firefox, "#invite-msg", "Copied")
+
+
 def test_token_is_shown_copied_and_rotated(world, browser):
-    browser.find_element(By.ID, "show-token").click()
-    box = browser.find_element(By.ID, "token-box")
+    browser.find_element(ID, "show-token").click()
+    box = browser.find_element(ID, "token-box")
     wait_until(lambda: box.get_attribute("value"), timeout=10, what="the token shown")
     assert box.get_attribute("value") == world["a"].token()
-    browser.find_element(By.ID, "copy-token").click()
+    browser.find_element(ID, "copy-token").click()
     wait_text(browser, "#invite-msg", "Copied")
     old = box.get_attribute("value")
-    browser.find_element(By.ID, "rotate-token").click()
+    browser.find_element(ID, "rotate-token").click()
     wait_until(lambda: box.get_attribute("value") != old, timeout=10, what="a rotated token")
     assert box.get_attribute("value") == world["a"].token()
     assert mesh_id(world["a"]) == mesh_id(world["b"])  # still one mesh: rotation keeps members
 
 
-def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
+def chat_streams_and_stops(world, browser) -> None:
+    """A chat that streams and grows; Stop ends it on the page and on the host's llama-server."""
     tab(browser, "chat")
     fill(browser, "chat-input", "Write a very long story about a lighthouse keeper.")
-    browser.find_element(By.ID, "chat-send").click()
+    browser.find_element(ID, "chat-send").click()
     reply = ".message.assistant .body"
     wait_until(lambda: len(text(browser, reply)) > 80, timeout=120, interval=0.1, what="streamed text")
     first = len(text(browser, reply))
     wait_until(lambda: len(text(browser, reply)) > first, timeout=30, interval=0.05, what="the text growing")
-    browser.find_element(By.ID, "chat-stop").click()
+    browser.find_element(ID, "chat-stop").click()
     wait_text(browser, ".message.assistant .stats", "stopped", timeout=10)
     stopped_at = text(browser, reply)
     # The host's llama-server stops generating (its slot goes idle) — not just the page.
@@ -253,20 +248,49 @@ def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
                timeout=15, what="llama-server's slot to go idle after stop")
     assert text(browser, reply) == stopped_at
     assert "tok/s" in text(browser, ".message.assistant .stats")
-    assert browser.find_element(By.ID, "chat-send").is_enabled()
+    assert browser.find_element(ID, "chat-send").is_enabled()
     # Markdown and code blocks, through the page's own renderer, escaped.
     html = browser.execute_script("return window.renderMarkdown('**hi** `x`\\n```python\\nprint(1 < 2)\\n```')")
     assert "<strong>hi</strong>" in html and "<code>x</code>" in html and '<pre data-lang="python"><code>print(1 &lt; 2)' in html
+
+
+def test_chat_streams_and_stop_stops_it(world, browser, artifacts):
+    chat_streams_and_stops(world, browser)
     shot(browser, artifacts, "03-chat")
     tab(browser, "mesh")
     wait_text(browser, "#toks-line", "tok/s")
+
+
+def test_tok_s_covers_requests_from_outside_the_console(world, browser, artifacts):
+    """A request through A's API (not the console) shows up in the live view's and meshctl's tok/s."""
+    a = world["a"]
+    assert a.chat("Count from one to twenty.", max_tokens=24) is not None
+    ended = time.time()
+    decode = wait_until(lambda: (d := a.runner()["decode"])["at"] >= ended and d, timeout=30,
+                        what="runnerd's decode rate read after the API request ended")
+    assert decode["tokens"] >= 24 and decode["tok_s"] > 0  # the API request's tokens are in it
+    figure = f"{decode['tok_s']:.1f} tok/s ({decode['tokens']} tokens"
+    wait_text(browser, "#toks-line", f"Recent requests on this node's llama-server: {figure}", timeout=20)
+    assert "from this console" in text(browser, "#toks-line")  # the console's own chats are still listed
+    shot(browser, artifacts, "03-mesh-tok-s")
+    browser.set_window_size(1280, 1000)
+    status = meshctl("status", home=a.home)
+    assert f"decode: {decode['tok_s']:.1f} tok/s (recent requests: {decode['tokens']} tokens" in status.stdout
+
+
+@needs_firefox
+def test_firefox_chat_streams_and_stop_stops_it(world, firefox, artifacts):
+    chat_streams_and_stops(world, firefox)
+    shot(firefox, artifacts, "firefox-03-chat")
+    firefox.set_window_size(1280, 1000)
+    tab(firefox, "mesh")
 
 
 def test_bad_model_paths_are_refused_and_change_nothing(world, browser):
     a = world["a"]
     pid, fingerprint = a.service_pid("runnerd"), a.runner()["model"]["fingerprint"]
     tab(browser, "models")
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#local-models tr[data-file="notes.gguf"]'), timeout=20,
+    wait_until(lambda: browser.find_elements(CSS, '#local-models tr[data-file="notes.gguf"]'), timeout=20,
                what="the local models listed")
     default_row = text(browser, f'#local-models tr[data-file="{default_model_path().name}"]')
     assert inspect_gguf(default_model_path()).arch in default_row and "MB" in default_row
@@ -274,26 +298,26 @@ def test_bad_model_paths_are_refused_and_change_nothing(world, browser):
     for path, reason in (("/etc/hostname", "not a GGUF file"), (str(world["root"] / "missing.gguf"), "does not exist"),
                          ("", "enter the path"), (str(world["root"]), "not a file")):
         fill(browser, "path-input", path)
-        browser.find_element(By.ID, "path-button").click()
+        browser.find_element(ID, "path-button").click()
         wait_text(browser, "#model-msg", reason)
     assert a.service_pid("runnerd") == pid and a.runner()["model"]["fingerprint"] == fingerprint
 
 
 def test_hub_errors_are_clear(world, browser):
     fill(browser, "hub-input", "nobody/nothing-here")
-    browser.find_element(By.ID, "hub-search").click()
+    browser.find_element(ID, "hub-search").click()
     wait_text(browser, "#hub-msg", "no such repo")
     fill(browser, "hub-input", "not a repo")
-    browser.find_element(By.ID, "hub-open").click()
+    browser.find_element(ID, "hub-open").click()
     wait_text(browser, "#hub-msg", "is not a repo name")
     fill(browser, "hub-input", "test/gated-GGUF")  # the console has HF_TOKEN: the gated repo opens
-    browser.find_element(By.ID, "hub-search").click()
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#hub-files tr[data-file="g.gguf"]'), timeout=20,
+    browser.find_element(ID, "hub-search").click()
+    wait_until(lambda: browser.find_elements(CSS, '#hub-files tr[data-file="g.gguf"]'), timeout=20,
                what="the gated repo listed with HF_TOKEN")
     world["hub"].down = True
     try:
         fill(browser, "hub-input", "tiny")
-        browser.find_element(By.ID, "hub-search").click()
+        browser.find_element(ID, "hub-search").click()
         wait_text(browser, "#hub-msg", "cannot reach the Hub", timeout=60)
     finally:
         world["hub"].down = False
@@ -302,10 +326,10 @@ def test_hub_errors_are_clear(world, browser):
 def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     a, models = world["a"], world["models"]
     fill(browser, "hub-input", "tiny-llama")
-    browser.find_element(By.ID, "hub-search").click()
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#hub-results a"), timeout=20, what="search results")
-    browser.find_element(By.CSS_SELECTOR, "#hub-results a").click()
-    wait_until(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#hub-files tbody tr")) == 3, timeout=20,
+    browser.find_element(ID, "hub-search").click()
+    wait_until(lambda: browser.find_elements(CSS, "#hub-results a"), timeout=20, what="search results")
+    browser.find_element(CSS, "#hub-results a").click()
+    wait_until(lambda: len(browser.find_elements(CSS, "#hub-files tbody tr")) == 3, timeout=20,
                what="the repo's three GGUF files")
     assert "26.8 MB" in text(browser, '#hub-files tr[data-file="tiny-llama-Q4_0.gguf"]')
     assert "sha256" in text(browser, '#hub-files tr[data-file="tiny-llama-Q4_0.gguf"]')
@@ -349,19 +373,28 @@ def test_download_from_the_hub_and_serve_it(world, browser, artifacts):
     shot(browser, artifacts, "06-mesh-after-model-change")
 
 
-def test_phone_width(world, browser, artifacts):
+def phone_width(world, browser, artifacts, prefix: str) -> None:
     browser.set_window_size(390, 844)
     tab(browser, "mesh")
     wait_until(lambda: len(node_rows(browser)) == 2, timeout=30, what="both nodes at phone width")
     width = browser.execute_script("return document.documentElement.scrollWidth")
     assert width <= 400, f"the page scrolls sideways at phone width ({width}px)"
-    shot(browser, artifacts, "07-phone-mesh")
+    shot(browser, artifacts, prefix + "07-phone-mesh")
     tab(browser, "chat")
     # The conversation is kept while the page is open (across views).
-    assert len(browser.find_elements(By.CSS_SELECTOR, "#conversation .message")) == 2
-    shot(browser, artifacts, "08-phone-chat")
+    assert len(browser.find_elements(CSS, "#conversation .message")) == 2
+    shot(browser, artifacts, prefix + "08-phone-chat")
     browser.set_window_size(1280, 1000)
     tab(browser, "mesh")
+
+
+def test_phone_width(world, browser, artifacts):
+    phone_width(world, browser, artifacts, "")
+
+
+@needs_firefox
+def test_firefox_phone_width(world, firefox, artifacts):
+    phone_width(world, firefox, artifacts, "firefox-")
 
 
 def test_cross_origin_and_foreign_host_are_refused(world, browser):
@@ -395,17 +428,17 @@ def test_cross_origin_and_foreign_host_are_refused(world, browser):
 def test_leave_then_stop_and_start_the_node(world, browser, artifacts):
     a, b, ids = world["a"], world["b"], world["ids"]
     old = mesh_id(a)
-    browser.find_element(By.ID, "leave").click()
+    browser.find_element(ID, "leave").click()
     wait_text(browser, "#invite-msg", "Left the mesh", timeout=20)
     wait_until(lambda: node_rows(browser) == [ids["a"]], timeout=30, what="only A left in the view")
     assert mesh_id(a) != old
     wait_until(lambda: not any(p["announcement"]["node_id"] == ids["a"] for p in b.status()["meshd"]["peers"]),
                timeout=30, what="B forgetting A")
-    browser.find_element(By.ID, "stop-node").click()
+    browser.find_element(ID, "stop-node").click()
     wait_text(browser, "#node-line", "No node is running", timeout=60)
     assert meshctl("status", home=a.home).returncode != 0
     shot(browser, artifacts, "09-node-stopped")
-    browser.find_element(By.ID, "start-solo").click()
+    browser.find_element(ID, "start-solo").click()
     wait_until(lambda: node_rows(browser) == [ids["a"]], timeout=120, what="A back in the view")
     wait_until(a.answers, timeout=120, interval=0.3, what="A serving again")
     assert (a.runner().get("model") or {}).get("fingerprint") == inspect_gguf(world["tiny"]).fingerprint
@@ -417,26 +450,20 @@ def test_api_key_prompt(tmp_path):
     console = subprocess.Popen([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"),
                                 "--port", str(port), "--no-open", "--api-key", "open-sesame"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    profile = tempfile.mkdtemp(prefix="console-chromium-")
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver = chromium()
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: _get(url + "/"), timeout=30, what="the keyed console")
         assert httpx.get(url + "/api/state").status_code == 401
         driver.get(url + "/")
-        wait_until(lambda: driver.find_element(By.ID, "keyprompt").is_displayed(), timeout=30, what="the key prompt")
+        wait_until(lambda: driver.find_element(ID, "keyprompt").is_displayed(), timeout=30, what="the key prompt")
         fill(driver, "key-input", "open-sesame")
-        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        driver.find_element(CSS, "#key-form button").click()
         wait_until(lambda: text(driver, "#live") == "live", timeout=30, what="the page live with the key")
         wait_text(driver, "#node-line", "No node is running")  # the first pushed state, read with the key
     finally:
         driver.quit()
         kill_process_tree(console)
-        shutil.rmtree(profile, ignore_errors=True)
     refused = subprocess.run([sys.executable, "-m", "meshctl.cli", "console", "--home", str(tmp_path / "k"), "--host",
                               "0.0.0.0", "--port", str(free_port()), "--no-open"], capture_output=True, text=True,
                              timeout=30, env={k: v for k, v in os.environ.items() if not k.startswith("MESH_")})

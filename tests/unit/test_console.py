@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import (Announcement, Exclusion, GatewayState, MeshState, ModelInfo, PeerView, Plan, PlanMember,
-                             RunnerState, TunnelStats)
+from common.messages import (Announcement, DecodeRate, Exclusion, GatewayState, MeshState, ModelInfo, PeerView, Plan,
+                             PlanMember, RunnerState, TunnelStats)
 from services.console.app import tokens_per_second
 from services.console.downloads import RateMeter, disk_space_problem, download_paths, safe_file_name, verify_download
 from services.console.live import mesh_view
@@ -183,7 +183,8 @@ def test_mesh_view_of_a_split_with_an_excluded_node_and_a_client():
                 excluded=[Exclusion(node_id=other, reason="holds a different model"),
                           Exclusion(node_id=client, reason="lite client")], reason="split over 2 nodes by memory")
     runner = RunnerState(node_id=me, memory_bytes=8 << 30, memory_source="--max-vram",
-                         model=ModelInfo(path="/m.gguf", name="m", size_bytes=1, n_layers=2, arch="llama", fingerprint="fp1"))
+                         model=ModelInfo(path="/m.gguf", name="m", size_bytes=1, n_layers=2, arch="llama", fingerprint="fp1"),
+                         progress="loading the model: 42%", decode=DecodeRate(tok_s=12.5, tokens=40, at=1.0))
     gateway = GatewayState(tunnels=[TunnelStats(node_id=worker, lane="tcp", bytes_in=10, bytes_out=20)])
     view = mesh_view(mesh, plan, runner, gateway, {"meshd": 0.1, "electd": 0.1, "runnerd": 0.2, "gatewayd": 9.0})
     nodes = {n["node_id"]: n for n in view["nodes"]}
@@ -197,6 +198,8 @@ def test_mesh_view_of_a_split_with_an_excluded_node_and_a_client():
     assert "meshd: join: refused" in view["errors"]
     assert any(e.startswith("gatewayd: not heard from") for e in view["errors"])
     assert view["services"] == {"meshd": True, "electd": True, "runnerd": True, "gatewayd": False}
+    assert view["runner"]["progress"] == "loading the model: 42%"  # the live view's load progress
+    assert view["runner"]["decode"] == {"tok_s": 12.5, "tokens": 40, "at": 1.0}  # tok/s of every sender's requests
     assert "SECRET" not in str(view)
 
 

@@ -180,14 +180,21 @@
       const llama = runner.llama;
       const detail = llama.detail && llama.detail !== plan.reason ? " — " + llama.detail : "";
       $("llama-line").textContent = `llama-server: ${llama.state}${detail}` +
+        (runner.progress ? ` · ${runner.progress}` : "") +
         ` · rpc-server: ${runner.rpc.state}` + (runner.status ? ` · runner: ${runner.status}` : "") +
         (runner.weights.length ? " · weights: " + runner.weights.map((w) => `${short(w.node_id)} ${mb(w.local_bytes)} from its own file, ${mb(w.sent_bytes)} sent`).join("; ") : "");
     } else {
       $("llama-line").textContent = "";
     }
     const chats = snap.chats.filter((c) => c.tok_s);
-    $("toks-line").textContent = chats.length ? "Recent requests from this console: " +
-      chats.slice(-5).map((c) => `${c.tok_s.toFixed(1)} tok/s (${c.tokens} tokens${c.stopped ? ", stopped" : ""})`).join(", ") : "";
+    const decode = runner && runner.decode.tok_s ? runner.decode : null;  // every sender's, from llama-server
+    $("toks-line").textContent = [
+      decode ? `Recent requests on this node's llama-server: ${decode.tok_s.toFixed(1)} tok/s (${decode.tokens} tokens, ` +
+        `as of ${new Date(decode.at * 1000).toLocaleTimeString()})` : "",
+      chats.length ? (decode ? "from this console: " : "Recent requests from this console: ") +
+        chats.slice(-5).map((c) => `${c.tok_s.toFixed(1)} tok/s (${c.tokens} tokens${c.stopped ? ", stopped" : ""})`)
+          .join(", ") : "",
+    ].filter(Boolean).join(" · ");
 
     // nodes
     const tbody = $("nodes").querySelector("tbody");

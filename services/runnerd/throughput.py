@@ -1,0 +1,31 @@
+"""The decode rate of recent requests, from llama-server's Prometheus /metrics.
+
+llama-server adds a request's generated tokens and its generation time to two counters when the
+request ends (finished or stopped). Between two reads, the counters' growth is therefore the rate of
+the requests that ended in between, whoever sent them: this node's API, the console, a lite client
+through the tunnel.
+"""
+from __future__ import annotations
+
+import re
+
+TOTALS = re.compile(r"^llamacpp:(tokens_predicted_total|tokens_predicted_seconds_total)\s+(\S+)", re.MULTILINE)
+
+
+def decode_totals(metrics_text: str) -> tuple[float, float] | None:
+    """(tokens generated, seconds spent generating them) since llama-server started; None if not reported."""
+    found = {name: float(value) for name, value in TOTALS.findall(metrics_text)}
+    if len(found) < 2:
+        return None
+    return found["tokens_predicted_total"], found["tokens_predicted_seconds_total"]
+
+
+def recent_rate(before: tuple[float, float] | None, after: tuple[float, float] | None) -> tuple[int, float] | None:
+    """(tokens, tok/s) of the requests that ended between two reads; None when none did (or the
+    counters started over: a new llama-server)."""
+    if before is None or after is None:
+        return None
+    tokens, seconds = after[0] - before[0], after[1] - before[1]
+    if tokens <= 0 or seconds <= 0:
+        return None
+    return int(tokens), tokens / seconds
