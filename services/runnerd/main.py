@@ -42,7 +42,7 @@ from services.runnerd.throughput import decode_totals, recent_rate
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
-LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
+LOAD_STALL_S = 120  # llama-server logs its load progress (patch 0003); this long without a line: stuck
 METRICS_EVERY_S = 5.0  # how often the decode rate and draft acceptance are read from llama-server's /metrics
 DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
 
@@ -387,7 +387,8 @@ class Runnerd:
         log_start = self.llama.log_size()
         self.llama.start()
         outcome = await _wait_health(port, self.llama, lambda: self.desired_llama_spec()[0] == spec,
-                                     on_wait=lambda s: self.update(progress=f"loading the model ({s} s)"))
+                                     on_wait=lambda s: self.update(progress=load_progress_text(
+                                         self.llama.log_text(log_start), s)))
         self.update(progress="")
         if outcome == "plan changed":
             log.info("plan changed while llama-server was loading; starting over")
@@ -443,6 +444,15 @@ class Runnerd:
             raise SystemExit(1)
 
 
+LOAD_PROGRESS = re.compile(r"load progress: [^\n]*?(\d+)%")
+
+
+def load_progress_text(llama_log: str, seconds: int) -> str:
+    """What status shows while llama-server loads: the last percentage it logged (patch 0003), and time."""
+    percents = LOAD_PROGRESS.findall(llama_log)
+    return f"loading the model: {percents[-1]}% ({seconds} s)" if percents else f"loading the model ({seconds} s)"
+
+
 GGUF_SUMMARY = re.compile(r"rpc-gguf: summary hits=(\d+) misses=(\d+) hit_bytes=(\d+) miss_bytes=(\d+) "
                           r"endpoint=(\S+)")
 
@@ -491,8 +501,7 @@ async def _wait_health(port: int, child: Child, still_wanted: Callable[[], bool]
                        on_wait: Callable[[int], None] | None = None) -> str:
     """Poll /health until "ready"; give up on "died", "plan changed", or "stalled": no new log output
     for LOAD_STALL_S (a load blocked on a peer that stopped answering would otherwise wait forever).
-    `on_wait(seconds)` hears how long the load has taken, once a second (this llama.cpp logs no
-    per-tensor progress at its default verbosity, so time is the figure there is)."""
+    `on_wait(seconds)` hears how long the load has taken, once a second."""
     started = last_progress = time.monotonic()
     last_size, shown = -1, 0
     async with httpx.AsyncClient(timeout=2.0) as client:

@@ -138,3 +138,11 @@ def test_only_the_plans_host_over_a_live_link_is_in_a_workers_allow_file():
     assert rpc_allowed(worker_plan, "w", {"c"}) == []  # no live link to the host
     assert rpc_allowed(worker_plan, "h", {"w"}) == []  # a host's own rpc-server serves no one
     assert rpc_allowed(Plan(state="waiting"), "w", {"h"}) == []
+
+
+def test_load_progress_shows_the_last_percentage_llama_server_logged():
+    from services.runnerd.main import load_progress_text
+    assert load_progress_text("main: loading model\n", 2) == "loading the model (2 s)"
+    log_text = ("srv    load_model: load progress:  0%\nsrv    load_model: load progress:  37%\n"
+                "srv    load_model: load progress: tensors 85%\n")
+    assert load_progress_text(log_text, 3) == "loading the model: 85% (3 s)"
