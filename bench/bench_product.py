@@ -10,7 +10,8 @@ same command line apart from `--rpc` and the speculation flags, same binaries, s
 
 Lanes: rpc-tls (the default: llama.cpp's own mutual TLS, pinned to node ids, straight to the worker's
 rpc-server, what the host uses where the worker's address connects), tcp (gatewayd's tunnel, TLS
-over TCP: the fallback), quic (gatewayd's QUIC lane).
+over TCP: the fallback), quic (gatewayd's QUIC lane), plain (direct TCP without TLS, the mesh's
+rpc-server otherwise: to tell TLS's cost from the rest).
 
 Workloads on real text (bench/workloads.py): an agent-style edit that returns its input with one
 rename, and free text, greedy (temperature 0). At each RTT the three ways are up at once and take
@@ -161,8 +162,8 @@ def _backend() -> str:
 def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir: Path) -> list[Sample]:
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack, httpx.Client(timeout=args.request_timeout) as client:
-        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.lane, args.speculation, args.threads,
-                        args.spec_extra.split()) for way in WAYS]
+        setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.off_lane if way == "mesh-off" else args.lane,
+                        args.speculation, args.threads, args.spec_extra.split()) for way in WAYS]
         for s in setups:
             s.ready(args.load_timeout)
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
@@ -211,8 +212,8 @@ def summarise(samples: list[Sample], speculation_by_rtt: dict[float, str]) -> li
 
 def format_table(cells: list[Cell]) -> str:
     lines = ["| model | workload | RTT | stock tok/s | mesh-off tok/s | mesh tok/s (speculation) | mesh-off / stock | "
-             "mesh / stock | prefill mesh-off / stock | drafts accepted |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "mesh / stock | prefill mesh-off / stock | prefill mesh / stock | drafts accepted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, dict[str, Cell]] = {}
     for c in cells:
         groups.setdefault((c.model, c.workload, c.rtt_ms), {})[c.way] = c
@@ -225,7 +226,8 @@ def format_table(cells: list[Cell]) -> str:
         lines.append(f"| {model} | {workload} | {rtt:g} ms | {f(stock, 'decode_tps', '.1f')} | {f(off, 'decode_tps', '.1f')} | "
                      f"{f(mesh, 'decode_tps', '.1f')} ({mesh.speculation if mesh else '-'}) | "
                      f"{f(off, 'decode_vs_stock', '.2f')}× | {f(mesh, 'decode_vs_stock', '.2f')}× | "
-                     f"{f(off, 'prefill_vs_stock', '.2f')}× | {f(mesh, 'acceptance', '.0%')} |")
+                     f"{f(off, 'prefill_vs_stock', '.2f')}× | {f(mesh, 'prefill_vs_stock', '.2f')}× | "
+                     f"{f(mesh, 'acceptance', '.0%')} |")
     return "\n".join(lines)
 
 
@@ -289,9 +291,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads of every llama-server and rpc-server (runnerd's --threads; default llama.cpp's)")
     parser.add_argument("--spec-extra", default="", help="more llama-server flags for the mesh way when it "
                         "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
-    parser.add_argument("--lane", choices=("rpc-tls", "tcp", "quic"), default="rpc-tls",
+    parser.add_argument("--lane", choices=("rpc-tls", "tcp", "quic", "plain"), default="rpc-tls",
                         help="the mesh's path: rpc-tls (llama.cpp's own mutual TLS, direct: the default between "
-                             "reachable nodes), tcp (the tunnel's TLS lane, the fallback) or quic")
+                             "reachable nodes), tcp (the tunnel's TLS lane, the fallback), quic, or plain (direct "
+                             "TCP without TLS: what TLS itself costs, against rpc-tls)")
+    parser.add_argument("--off-lane", choices=("rpc-tls", "tcp", "quic", "plain"),
+                        help="the mesh-off way's path instead (default: --lane); e.g. --off-lane tcp --speculation off "
+                             "compares the tunnel with the direct path in one run")
     parser.add_argument("--bin-dir", type=Path)
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default="product-latest", help="file name of the results (json, png)")
@@ -300,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.prompts = 1
+    args.off_lane = args.off_lane or args.lane
     unknown = [w for w in args.workloads if w not in WORKLOADS]
     if unknown:
         parser.error(f"unknown workload(s) {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
@@ -339,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpu_names()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "lane": args.lane,
+              "off_lane": args.off_lane,
               "models": {k: str(v) for k, v in models.items()}, "rtts_ms": args.rtts, "quick": args.quick,
               "speculation_by_rtt": speculation_by_rtt, "errors": errors,
               "same_answer_prompts": [same, len(texts)], "table": table,

@@ -4,8 +4,9 @@ It measures memory, inspects the GGUF, keeps `ggml-rpc-server` running whenever 
 (on --bind-host with mutual TLS that admits only the plan's host, where the build has TLS; else on
 loopback), and runs `llama-server` when the plan makes this node host — restarting it when the
 plan's serving set changes, and only then. As host it dials a worker's TLS rpc-server directly
-where a quick connect check reaches it, else through gatewayd's tunnel. Children that die are restarted; bad input (a missing
-model, missing binaries) is reported in its state and log, and runnerd stays up to say so.
+where a quick connect check reaches it, else through gatewayd's tunnel. Children that die are
+restarted; bad input (a missing model, missing binaries) is reported in its state and log, and
+runnerd stays up to say so.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import httpx
 
 from common import addresses, progress
 from common.addresses import advertised_addresses
-from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.binaries import Binaries, BinariesError, find_binaries
 from common.bus import ServiceBus
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
+from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
 from common.messages import (Announcement, ChildState, DecodeRate, GatewayState, MeshState, Plan, Reply, RunnerState,
@@ -409,7 +410,7 @@ class Runnerd:
                                                                           if m.node_id != self.node_id], rpc)))
         for w in weights:
             if w.misses:
-                log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the tunnel",
+                log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the network",
                             w.node_id[:8], w.misses, w.sent_bytes)
         self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
                                      detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights)
