@@ -57,11 +57,19 @@ class SpeculationState(Message):
     acceptance_rate: float | None = None
 
 
+class DevicePlacement(Message):
+    """A device llama-server put model weights on, as its log names it (CUDA0, RPC0[127.0.0.1:port], CPU_Mapped)."""
+    device: str
+    node_id: str = ""  # whose device: this node, or the worker behind the RPC forward
+    model_bytes: int = 0
+
+
 class RunnerState(Message):
     kind: Literal["runner_state"] = "runner_state"
     node_id: str = ""
     memory_bytes: int = 0
     memory_source: str = ""
+    device_memory: list[int] = Field(default_factory=list)  # per device its rpc-server serves; sums to memory_bytes
     backend: str = ""
     model: ModelInfo | None = None
     rpc: ChildState = Field(default_factory=ChildState)
@@ -69,6 +77,7 @@ class RunnerState(Message):
     llama: ChildState = Field(default_factory=ChildState)
     llama_plan_key: str = ""
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
+    placement: list[DevicePlacement] = Field(default_factory=list)  # llama-server's own report, device by device
     speculation: SpeculationState = Field(default_factory=SpeculationState)
     error: str | None = None
     status: str = ""
@@ -81,6 +90,7 @@ class PlanMember(Message):
     node_id: str
     memory_bytes: int
     ratio: float
+    devices: list[int] = Field(default_factory=list)  # memory per device it offers; the host splits `ratio` by it
 
 
 class Exclusion(Message):
@@ -143,6 +153,7 @@ class Announcement(Message):
     role: Literal["worker", "client"]
     version: str
     memory_bytes: int = 0
+    device_memory: list[int] = Field(default_factory=list, max_length=64)  # per device of its rpc-server, in that server's order
     model_name: str | None = None
     model_fingerprint: str | None = None
     model_size: int = 0

@@ -29,7 +29,8 @@ from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
 from services.runnerd.commands import NotReady, llama_server_args, rpc_server_args
-from services.runnerd.memory import detect_memory
+from services.runnerd.memory import Offer, detect_memory
+from services.runnerd.placement import device_placement
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
 
 log = logging.getLogger("runnerd")
@@ -54,6 +55,7 @@ class Runnerd:
         self.rtt_ms: dict[str, float | None] = {}  # peer node id -> round trip meshd measured
         # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
         self.speculation: tuple[str, SpeculationChoice] | None = None
+        self.offer: Offer | None = None  # memory per device, known once the binaries are (they list the devices)
         self._plan_changed = asyncio.Event()
 
     def current_state(self) -> RunnerState:
@@ -78,9 +80,7 @@ class Runnerd:
     async def prepare(self) -> bool:
         self.loop = asyncio.get_running_loop()
         progress.set_reporter(self.report_progress)
-        memory, source = detect_memory(self.settings.max_vram, self.settings.device)
-        self.update(memory_bytes=memory, memory_source=source, status="preparing")
-        log.info("memory offered: %.1f GB (%s)", memory / (1 << 30), source)
+        self.update(status="preparing")
         try:
             model_path = self.settings.model
             if model_path is None:
@@ -99,10 +99,15 @@ class Runnerd:
         finally:
             progress.set_reporter(None)
         backend = self.binaries.backend
+        # After the binaries: llama.cpp's own device list is what its servers will use. electd plans only
+        # once the model is in our state (below), so nothing waits on this longer than it did.
+        self.offer = detect_memory(self.settings.max_vram, self.settings.device, self.binaries.devices)
+        log.info("memory offered: %.1f GB (%s)", self.offer.total / (1 << 30), self.offer.source)
         if not self.binaries.loads_local_weights:
             log.warning("ggml-rpc-server in %s lacks --gguf: remote hosts will push every weight over the network",
                         self.binaries.rpc_server.parent)
         self.update(model=model, backend=backend, rpc_loads_local_weights=self.binaries.loads_local_weights,
+                    memory_bytes=self.offer.total, memory_source=self.offer.source, device_memory=self.offer.devices,
                     status="ready", error=None)
         log.info("model %s: %s, %d layers, %.0f MB, fingerprint %s", model.name, model.arch, model.n_layers,
                  model.size_bytes / 1e6, model.fingerprint)
@@ -162,7 +167,8 @@ class Runnerd:
         try:
             return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.gateway.rpc_forwards,
                                      backend=self.state.backend, ctx_size=self.settings.ctx_size,
-                                     threads=self.settings.threads, speculation=spec_args), plan.reason
+                                     threads=self.settings.threads, speculation=spec_args,
+                                     local_weights=self.offer.local_weights), plan.reason
         except NotReady as exc:
             return None, str(exc)
 
@@ -209,7 +215,7 @@ class Runnerd:
                 running = False
             if wanted is None:
                 self.llama, self.llama_spec = None, None
-                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="", weights=[])
+                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="", weights=[], placement=[])
                 await self._plan_changed.wait()
                 continue
             if not running:
@@ -274,13 +280,18 @@ class Runnerd:
                         llama_plan_key="")
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
-        weights = weight_loads(self.llama.log_text(log_start), self.gateway.rpc_forwards)
+        loaded = self.llama.log_text(log_start)
+        weights = weight_loads(loaded, self.gateway.rpc_forwards)
+        placement = device_placement(loaded, self.gateway.rpc_forwards, self.node_id)
+        log.info("llama-server placed the model: %s", ", ".join(
+            f"{p.device} ({p.node_id[:8]}) {p.model_bytes / 1e6:.1f} MB" for p in placement))
         for w in weights:
             if w.misses:
                 log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the tunnel",
                             w.node_id[:8], w.misses, w.sent_bytes)
         self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
-                                     detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights)
+                                     detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights,
+                    placement=placement)
         return outcome
 
     # --- control and lifecycle -------------------------------------------------------------------
