@@ -163,7 +163,8 @@ class Runnerd:
             return None, f"worker; host is {plan.host[:8] if plan.host else '?'}"
         choice = self.speculation_for(plan)
         draft = str(self.settings.draft_model) if self.settings.draft_model else None
-        spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=self.settings.device)
+        first_device = (self.settings.device or "").split(",")[0] or None  # the draft stays on one
+        spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=first_device)
         try:
             return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.gateway.rpc_forwards,
                                      backend=self.state.backend, ctx_size=self.settings.ctx_size,

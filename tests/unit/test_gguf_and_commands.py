@@ -158,3 +158,16 @@ def test_an_embedding_model_is_served_with_embeddings_and_a_chat_model_is_not(tm
                                                threads=None)
     assert "--embeddings" not in llama_server_args(BINS, 8080, chat, solo, "me", {}, backend="cpu", ctx_size=4096,
                                                    threads=None)
+
+
+def test_placement_names_each_device_by_whose_it_is():
+    from services.runnerd.placement import device_placement
+    log = ("load_tensors: offloaded 33/33 layers to GPU\n"
+           "load_tensors:   CPU_Mapped model buffer size =    70.31 MiB\n"
+           "load_tensors: RPC0[127.0.0.1:5001] model buffer size =  1000.00 MiB\n"
+           "load_tensors: RPC1[127.0.0.1:5001] model buffer size =   500.50 MiB\n"
+           "load_tensors:        CUDA0 model buffer size =  2000.00 MiB\n")
+    placed = device_placement(log, {"w1": 5001}, "me")
+    assert [(p.device, p.node_id, p.model_bytes) for p in placed] == [
+        ("CPU_Mapped", "me", int(70.31 * (1 << 20))), ("RPC0[127.0.0.1:5001]", "w1", 1000 << 20),
+        ("RPC1[127.0.0.1:5001]", "w1", int(500.5 * (1 << 20))), ("CUDA0", "me", 2000 << 20)]

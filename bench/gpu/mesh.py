@@ -1,0 +1,116 @@
+"""The product's own GPU path, two nodes on one machine (bench/gpu/mesh.sh runs it on the device):
+`meshctl up` builds llama.cpp for CUDA from the pinned source, each node offers the GPUs llama.cpp
+lists for it (CUDA_VISIBLE_DEVICES picks them), the host splits by that memory, and llama-server's
+own report of where the layers went is checked against the plan (tests/support/device_order.py).
+
+    python -m bench.gpu.mesh --model M.gguf [--scenario one-each] [--scenario both-each] [--out-dir DIR]
+
+one-each:  host on GPU0, worker on GPU1 (a device each);
+both-each: host and worker each see both GPUs: the worker's one rpc-server offers two devices and the
+           host splits over its own two and the worker's two.
+Prints `meshctl status`, the placement check and a decode figure per scenario, and writes them as JSON."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+
+from tests.integration.harness import Node, meshctl
+from tests.support.device_order import check
+from tests.support.procs import wait_until
+
+SCENARIOS = {"one-each": ("0", "1"), "both-each": ("0,1", "0,1")}
+PROMPT = "Write a long story about a lighthouse keeper."
+
+
+def decode(node: Node, max_tokens: int) -> dict:
+    body = {"model": "any", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True}
+    node.chat("Hi", max_tokens=4)  # warm-up: llama.cpp's one-time set-up
+    started = time.monotonic()
+    r = httpx.post(f"{node.api}/v1/chat/completions", json=body, timeout=300)
+    r.raise_for_status()
+    wall = time.monotonic() - started
+    timings = r.json().get("timings") or {}
+    return {"decode_tok_s": timings.get("predicted_per_second"), "prefill_tok_s": timings.get("prompt_per_second"),
+            "tokens": timings.get("predicted_n") or r.json()["usage"]["completion_tokens"], "wall_s": round(wall, 2)}
+
+
+def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
+    host_gpus, worker_gpus = SCENARIOS[name]
+    common = ["--split", "--bind-host", "127.0.0.1", "--model", str(model)]
+    host = Node(root / name / "host", extra=common, env={"CUDA_VISIBLE_DEVICES": host_gpus})
+    worker = Node(root / name / "worker", extra=common, env={"CUDA_VISIBLE_DEVICES": worker_gpus})
+    result: dict = {"scenario": name, "host_gpus": host_gpus, "worker_gpus": worker_gpus}
+    try:
+        started = time.monotonic()
+        host.start()
+        # The host's runnerd builds llama.cpp when the cache lacks it; the worker then finds it built.
+        wait_until(lambda: host.runner().get("memory_bytes"), timeout=900, interval=2,
+                   what="the host's runnerd ready (llama.cpp built, GPUs detected)")
+        result["host_ready_s"] = round(time.monotonic() - started, 1)
+        print(f"[{name}] host ready in {result['host_ready_s']} s: {host.runner().get('memory_source')}", flush=True)
+        worker.start("--join", host.token())
+        ids = {"host": host.node_id(), "worker": worker.node_id()}
+
+        def serving():
+            s = host.status()
+            plan, runner = s.get("electd", {}), s.get("runnerd", {})
+            return s if (plan.get("state") == "split" and len(plan.get("members", [])) == 2
+                         and runner.get("placement") and runner.get("llama_plan_key") == plan.get("key")) else None
+        joined = time.monotonic()
+        status = wait_until(serving, timeout=300, interval=0.5, what="the host serving the split")
+        result["join_to_serving_s"] = round(time.monotonic() - joined, 1)
+        text = meshctl("status", home=host.home, timeout=30).stdout
+        print(f"[{name}] meshctl status on the host:\n{text}", flush=True)
+        result["status_text"] = text
+        plan, runner = status["electd"], status["runnerd"]
+        result["plan"] = [{"node": m["node_id"][:8], "ratio": m["ratio"], "devices_gb": [round(d / 2**30, 1) for d in
+                                                                                          m["devices"]]}
+                          for m in plan["members"]]
+        result["memory"] = {"host": runner["memory_source"],
+                            "worker": worker.runner().get("memory_source")}
+        args = psutil.Process(runner["llama"]["pid"]).cmdline()
+        result["llama_server_args"] = args[1:]
+        log = (host.home / "logs" / "llama-server.log").read_text(errors="replace")
+        result["placement_check"] = check(plan, args, status["gatewayd"]["rpc_forwards"], log, runner["model"]["path"],
+                                          runner["model"]["n_layers"], ids["host"])
+        print(f"[{name}] device order checked: {json.dumps(result['placement_check'])}", flush=True)
+        result.update(decode(host, max_tokens))
+        print(f"[{name}] decode {result['decode_tok_s']} tok/s, prefill {result['prefill_tok_s']} tok/s "
+              f"({result['tokens']} tokens, {result['wall_s']} s)", flush=True)
+    except Exception as exc:  # one scenario's failure is a result too: the next may still run
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"[{name}] FAILED: {result['error']}", flush=True)
+        for n in (host, worker):
+            for log in sorted((n.home / "logs").glob("*.log")):
+                print(f"--- {n.home.name}/{log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
+    finally:
+        for n in (host, worker):
+            n.stop()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--scenario", action="append", choices=sorted(SCENARIOS))
+    ap.add_argument("--root", type=Path, default=Path("/tmp/mesh-gpu"))
+    ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
+    ap.add_argument("--max-tokens", type=int, default=256)
+    args = ap.parse_args(argv)
+    shutil.rmtree(args.root, ignore_errors=True)
+    results = [scenario(s, args.model, args.root, args.max_tokens) for s in args.scenario or ["one-each", "both-each"]]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
