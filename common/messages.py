@@ -153,7 +153,8 @@ class Announcement(Message):
     role: Literal["worker", "client"]
     version: str
     memory_bytes: int = 0
-    device_memory: list[int] = Field(default_factory=list, max_length=64)  # per device of its rpc-server, in that server's order
+    # memory per device of its rpc-server, in that server's order (several GPUs behind one server)
+    device_memory: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
     model_name: str | None = None
     model_fingerprint: str | None = None
     model_size: int = 0

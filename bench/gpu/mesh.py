@@ -7,13 +7,15 @@ own report of where the layers went is checked against the plan (tests/support/d
 
 one-each:  host on GPU0, worker on GPU1 (a device each);
 both-each: host and worker each see both GPUs: the worker's one rpc-server offers two devices and the
-           host splits over its own two and the worker's two.
+           host splits over its own two and the worker's two;
+one-gpu:   both on GPU0 (a machine with one GPU).
 Prints `meshctl status`, the placement check and a decode figure per scenario, and writes them as JSON."""
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +27,7 @@ from tests.integration.harness import Node, meshctl
 from tests.support.device_order import check
 from tests.support.procs import wait_until
 
-SCENARIOS = {"one-each": ("0", "1"), "both-each": ("0,1", "0,1")}
+SCENARIOS = {"one-each": ("0", "1"), "both-each": ("0,1", "0,1"), "one-gpu": ("0", "0")}
 PROMPT = "Write a long story about a lighthouse keeper."
 
 
@@ -37,9 +39,10 @@ def decode(node: Node, max_tokens: int) -> dict:
     r = httpx.post(f"{node.api}/v1/chat/completions", json=body, timeout=300)
     r.raise_for_status()
     wall = time.monotonic() - started
-    timings = r.json().get("timings") or {}
-    return {"decode_tok_s": timings.get("predicted_per_second"), "prefill_tok_s": timings.get("prompt_per_second"),
-            "tokens": timings.get("predicted_n") or r.json()["usage"]["completion_tokens"], "wall_s": round(wall, 2)}
+    timings = r.json().get("timings") or {}  # llama-server's own figures; else the wall clock's
+    tokens = timings.get("predicted_n") or r.json()["usage"]["completion_tokens"]
+    return {"decode_tok_s": timings.get("predicted_per_second") or round(tokens / wall, 1),
+            "prefill_tok_s": timings.get("prompt_per_second"), "tokens": tokens, "wall_s": round(wall, 2)}
 
 
 def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
@@ -52,49 +55,65 @@ def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
         started = time.monotonic()
         host.start()
         # The host's runnerd builds llama.cpp when the cache lacks it; the worker then finds it built.
-        wait_until(lambda: host.runner().get("memory_bytes"), timeout=900, interval=2,
-                   what="the host's runnerd ready (llama.cpp built, GPUs detected)")
+        def host_ready():
+            if host.proc.poll() is not None:
+                raise RuntimeError(f"meshctl up exited {host.proc.returncode}")
+            return host.runner().get("memory_bytes")
+        wait_until(host_ready, timeout=900, interval=2, what="the host's runnerd ready (llama.cpp built, GPUs detected)")
         result["host_ready_s"] = round(time.monotonic() - started, 1)
         print(f"[{name}] host ready in {result['host_ready_s']} s: {host.runner().get('memory_source')}", flush=True)
         worker.start("--join", host.token())
-        ids = {"host": host.node_id(), "worker": worker.node_id()}
+        nodes = {host.node_id(): host, worker.node_id(): worker}
 
         def serving():
+            # Both offer the same memory here, so the higher node id hosts: ask whichever the plan names.
             s = host.status()
+            plan = s.get("electd", {})
+            if plan.get("state") != "split" or len(plan.get("members", [])) != 2 or plan.get("host") not in nodes:
+                return None
+            s = nodes[plan["host"]].status()
             plan, runner = s.get("electd", {}), s.get("runnerd", {})
-            return s if (plan.get("state") == "split" and len(plan.get("members", [])) == 2
-                         and runner.get("placement") and runner.get("llama_plan_key") == plan.get("key")) else None
+            return s if runner.get("placement") and runner.get("llama_plan_key") == plan.get("key") else None
         joined = time.monotonic()
         status = wait_until(serving, timeout=300, interval=0.5, what="the host serving the split")
         result["join_to_serving_s"] = round(time.monotonic() - joined, 1)
-        text = meshctl("status", home=host.home, timeout=30).stdout
-        print(f"[{name}] meshctl status on the host:\n{text}", flush=True)
-        result["status_text"] = text
         plan, runner = status["electd"], status["runnerd"]
-        result["plan"] = [{"node": m["node_id"][:8], "ratio": m["ratio"], "devices_gb": [round(d / 2**30, 1) for d in
-                                                                                          m["devices"]]}
-                          for m in plan["members"]]
-        result["memory"] = {"host": runner["memory_source"],
-                            "worker": worker.runner().get("memory_source")}
+        serving_host = nodes[plan["host"]]
+        text = meshctl("status", home=serving_host.home, timeout=30).stdout
+        print(f"[{name}] meshctl status on the host ({serving_host.home.name}):\n{text}", flush=True)
+        result["status_text"] = text
+        result["plan"] = [{"node": m["node_id"][:8], "ratio": m["ratio"],
+                           "devices_gb": [round(d / 2**30, 1) for d in m["devices"]]} for m in plan["members"]]
+        result["memory"] = {n.home.name: n.runner().get("memory_source") for n in (host, worker)}
         args = psutil.Process(runner["llama"]["pid"]).cmdline()
         result["llama_server_args"] = args[1:]
-        log = (host.home / "logs" / "llama-server.log").read_text(errors="replace")
+        log = (serving_host.home / "logs" / "llama-server.log").read_text(errors="replace")
         result["placement_check"] = check(plan, args, status["gatewayd"]["rpc_forwards"], log, runner["model"]["path"],
-                                          runner["model"]["n_layers"], ids["host"])
+                                          runner["model"]["n_layers"], plan["host"])
         print(f"[{name}] device order checked: {json.dumps(result['placement_check'])}", flush=True)
-        result.update(decode(host, max_tokens))
+        result.update(decode(serving_host, max_tokens))
         print(f"[{name}] decode {result['decode_tok_s']} tok/s, prefill {result['prefill_tok_s']} tok/s "
               f"({result['tokens']} tokens, {result['wall_s']} s)", flush=True)
     except Exception as exc:  # one scenario's failure is a result too: the next may still run
         result["error"] = f"{type(exc).__name__}: {exc}"
         print(f"[{name}] FAILED: {result['error']}", flush=True)
         for n in (host, worker):
-            for log in sorted((n.home / "logs").glob("*.log")):
+            for log in [n.home / "meshctl-up.out", *sorted((n.home / "logs").glob("*.log"))]:
+                if not log.exists():
+                    continue
                 print(f"--- {n.home.name}/{log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:]))
     finally:
         for n in (host, worker):
             n.stop()
     return result
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return 0
+    return len(out.stdout.splitlines()) if out.returncode == 0 else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
-    results = [scenario(s, args.model, args.root, args.max_tokens) for s in args.scenario or ["one-each", "both-each"]]
+    default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu"]
+    results = [scenario(s, args.model, args.root, args.max_tokens) for s in args.scenario or default]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))
     return 1 if any("error" in r for r in results) else 0

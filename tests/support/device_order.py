@@ -18,6 +18,7 @@ from gguf import GGUFReader
 from services.runnerd.placement import device_placement
 
 MIB = 1 << 20
+LOCAL_DEVICE = re.compile(r"^[A-Za-z]+\d+$")  # CUDA0, MTL0, Vulkan0 — not CPU_Mapped or CUDA_Host
 
 
 def layer_devices(n_layers: int, n_gpu_layers: int, splits: list[float]) -> list[int | None]:
@@ -54,12 +55,12 @@ def check(plan: dict, args: list[str], rpc_forwards: dict[str, int], llama_log: 
     assert endpoints == [f"127.0.0.1:{rpc_forwards[n]}" for n in remote], (endpoints, remote, rpc_forwards)
     wanted = [(f"RPC{i}[{ep}]", node) for ep, node in zip(endpoints, remote)
               for i in range(max(len(members[node].get("devices") or []), 1))]
-    local = [p.device for p in placed if not p.device.startswith(("RPC", "CPU"))]
+    local = [p.device for p in placed if LOCAL_DEVICE.match(p.device)]
     splits = [float(r) for r in (flag(args, "--tensor-split") or "1").split(",")]
     if len(splits) > len(wanted):  # a GPU host: its own GPUs come after the RPC devices
         wanted += [(d, me) for d in local]
     assert len(splits) == len(wanted), f"--tensor-split has {len(splits)} ratios for the devices {wanted}"
-    got = [(p.device, p.node_id) for p in placed if not p.device.startswith("CPU")]
+    got = [(p.device, p.node_id) for p in placed if p.device.startswith("RPC") or LOCAL_DEVICE.match(p.device)]
     # a device with a 0 ratio holds nothing and has no buffer
     assert got == [w for w, s in zip(wanted, splits) if s > 0], f"llama-server placed {got}, the plan means {wanted}"
 
