@@ -8,7 +8,10 @@ own report of where the layers went is checked against the plan (tests/support/d
 one-each:  host on GPU0, worker on GPU1 (a device each);
 both-each: host and worker each see both GPUs: the worker's one rpc-server offers two devices and the
            host splits over its own two and the worker's two;
-one-gpu:   both on GPU0 (a machine with one GPU).
+one-gpu:   both on GPU0 (a machine with one GPU);
+one-gpu-two-devices: both on GPU0, the worker's rpc-server serving it twice (--device CUDA0,CUDA0): one
+           server with two devices, as a worker with two GPUs has, where the machine has one (--max-vram 100G,
+           spread 50/50 over them, so that the other node, with the whole GPU, hosts).
 Prints `meshctl status`, the placement check and a decode figure per scenario, and writes them as JSON."""
 from __future__ import annotations
 
@@ -27,7 +30,9 @@ from tests.integration.harness import Node, meshctl
 from tests.support.device_order import check
 from tests.support.procs import wait_until
 
-SCENARIOS = {"one-each": ("0", "1"), "both-each": ("0,1", "0,1"), "one-gpu": ("0", "0")}
+# name: (host's CUDA_VISIBLE_DEVICES, worker's, worker's flags)
+SCENARIOS = {"one-each": ("0", "1", []), "both-each": ("0,1", "0,1", []), "one-gpu": ("0", "0", []),
+             "one-gpu-two-devices": ("0", "0", ["--device", "CUDA0,CUDA0", "--max-vram", "100G"])}
 PROMPT = "Write a long story about a lighthouse keeper."
 
 
@@ -46,10 +51,10 @@ def decode(node: Node, max_tokens: int) -> dict:
 
 
 def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
-    host_gpus, worker_gpus = SCENARIOS[name]
+    host_gpus, worker_gpus, worker_flags = SCENARIOS[name]
     common = ["--split", "--bind-host", "127.0.0.1", "--model", str(model)]
     host = Node(root / name / "host", extra=common, env={"CUDA_VISIBLE_DEVICES": host_gpus})
-    worker = Node(root / name / "worker", extra=common, env={"CUDA_VISIBLE_DEVICES": worker_gpus})
+    worker = Node(root / name / "worker", extra=[*common, *worker_flags], env={"CUDA_VISIBLE_DEVICES": worker_gpus})
     result: dict = {"scenario": name, "host_gpus": host_gpus, "worker_gpus": worker_gpus}
     try:
         started = time.monotonic()
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
-    default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu"]
+    default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu", "one-gpu-two-devices"]
     results = [scenario(s, args.model, args.root, args.max_tokens) for s in args.scenario or default]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))

@@ -29,8 +29,9 @@ def detect_memory(override: int | None, device: str | None, devices: tuple[Devic
                   ram_bytes: int | None = None) -> Offer:
     """`devices`: what `llama-server --list-devices` lists (Binaries.devices); `device`: --device, a
     comma-separated list of those names, as ggml-rpc-server takes it; `override`: --max-vram, the total."""
-    wanted = [d.strip() for d in device.split(",")] if device else None
-    chosen = [d for d in devices if wanted is None or d.name in wanted]
+    by_name = {d.name: d for d in devices}
+    # In --device's order, as ggml-rpc-server serves them (a name twice is two devices to it).
+    chosen = [by_name[n.strip()] for n in device.split(",") if n.strip() in by_name] if device else list(devices)
     if not chosen:
         ram = int((ram_bytes or psutil.virtual_memory().total) * RAM_SHARE)
         offered = [override or ram]
@@ -43,5 +44,5 @@ def detect_memory(override: int | None, device: str | None, devices: tuple[Devic
         source = f"override (--max-vram) over {', '.join(d.name for d in chosen)}"
     else:
         source = "llama.cpp: " + ", ".join(f"{d.name} {d.total_bytes / GB:.1f} GB" for d in chosen)
-    by_name = {d.name: s for d, s in zip(chosen, sizes)}
-    return Offer(sizes, [by_name.get(d.name, 0) for d in devices], source)
+    mine = {d.name: s for d, s in zip(chosen, sizes)}
+    return Offer(sizes, [mine.get(d.name, 0) for d in devices], source)

@@ -171,3 +171,9 @@ def test_placement_names_each_device_by_whose_it_is():
     assert [(p.device, p.node_id, p.model_bytes) for p in placed] == [
         ("CPU_Mapped", "me", int(70.31 * (1 << 20))), ("RPC0[127.0.0.1:5001]", "w1", 1000 << 20),
         ("RPC1[127.0.0.1:5001]", "w1", int(500.5 * (1 << 20))), ("CUDA0", "me", 2000 << 20)]
+
+
+def test_a_device_named_twice_is_two_devices_as_rpc_server_serves_it():
+    gpu = (Device("CUDA0", 80 * GB, 79 * GB),)
+    twice = detect_memory(None, "CUDA0,CUDA0", gpu)
+    assert twice.devices == [80 * GB, 80 * GB] and twice.local_weights == [80 * GB]
