@@ -50,7 +50,7 @@ def decode(node: Node, max_tokens: int) -> dict:
             "prefill_tok_s": timings.get("prompt_per_second"), "tokens": tokens, "wall_s": round(wall, 2)}
 
 
-def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
+def scenario(name: str, model: Path, root: Path, max_tokens: int, out_dir: Path) -> dict:
     host_gpus, worker_gpus, worker_flags = SCENARIOS[name]
     common = ["--split", "--bind-host", "127.0.0.1", "--model", str(model)]
     host = Node(root / name / "host", extra=common, env={"CUDA_VISIBLE_DEVICES": host_gpus})
@@ -93,9 +93,13 @@ def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
         args = psutil.Process(runner["llama"]["pid"]).cmdline()
         result["llama_server_args"] = args[1:]
         log = (serving_host.home / "logs" / "llama-server.log").read_text(errors="replace")
-        result["placement_check"] = check(plan, args, status["gatewayd"]["rpc_forwards"], log, runner["model"]["path"],
-                                          runner["model"]["n_layers"], plan["host"])
-        print(f"[{name}] device order checked: {json.dumps(result['placement_check'])}", flush=True)
+        try:
+            result["placement_check"] = check(plan, args, status["gatewayd"]["rpc_forwards"], log,
+                                              runner["model"]["path"], runner["model"]["n_layers"], plan["host"])
+            print(f"[{name}] device order checked: {json.dumps(result['placement_check'])}", flush=True)
+        except AssertionError as exc:  # reported, and the decode is still measured
+            result["error"] = f"device order: {exc}"
+            print(f"[{name}] DEVICE ORDER WRONG: {exc}", flush=True)
         result.update(decode(serving_host, max_tokens))
         print(f"[{name}] decode {result['decode_tok_s']} tok/s, prefill {result['prefill_tok_s']} tok/s "
               f"({result['tokens']} tokens, {result['wall_s']} s)", flush=True)
@@ -110,6 +114,8 @@ def scenario(name: str, model: Path, root: Path, max_tokens: int) -> dict:
     finally:
         for n in (host, worker):
             n.stop()
+            if (n.home / "logs").is_dir():  # kept with the results, to read later
+                shutil.copytree(n.home / "logs", out_dir / "mesh-gpu-logs" / name / n.home.name, dirs_exist_ok=True)
     return result
 
 
@@ -131,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
     default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu", "one-gpu-two-devices"]
-    results = [scenario(s, args.model, args.root, args.max_tokens) for s in args.scenario or default]
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))
+    results = []
+    for name in args.scenario or default:
+        results.append(scenario(name, args.model, args.root, args.max_tokens, args.out_dir))
+        (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))  # each as it ends
     return 1 if any("error" in r for r in results) else 0
 
 
