@@ -46,8 +46,9 @@ def decode(node: Node, max_tokens: int) -> dict:
     wall = time.monotonic() - started
     timings = r.json().get("timings") or {}  # llama-server's own figures; else the wall clock's
     tokens = timings.get("predicted_n") or r.json()["usage"]["completion_tokens"]
-    return {"decode_tok_s": timings.get("predicted_per_second") or round(tokens / wall, 1),
-            "prefill_tok_s": timings.get("prompt_per_second"), "tokens": tokens, "wall_s": round(wall, 2)}
+    decode_rate = timings.get("predicted_per_second") or tokens / wall
+    return {"decode_tok_s": round(decode_rate, 1), "prefill_tok_s": round(timings.get("prompt_per_second") or 0, 1),
+            "tokens": tokens, "wall_s": round(wall, 2)}
 
 
 def scenario(name: str, model: Path, root: Path, max_tokens: int, out_dir: Path) -> dict:
@@ -70,17 +71,23 @@ def scenario(name: str, model: Path, root: Path, max_tokens: int, out_dir: Path)
         worker.start("--join", host.token())
         nodes = {host.node_id(): host, worker.node_id(): worker}
 
+        said = [0.0]
+
         def serving():
             # Both offer the same memory here, so the higher node id hosts: ask whichever the plan names.
             s = host.status()
             plan = s.get("electd", {})
+            if time.monotonic() - said[0] > 15:  # a wait that runs out says where it stood
+                said[0] = time.monotonic()
+                print(f"[{name}] waiting: plan {plan.get('state')} ({plan.get('reason')}); host llama-server "
+                      f"{s.get('runnerd', {}).get('llama', {})}", flush=True)
             if plan.get("state") != "split" or len(plan.get("members", [])) != 2 or plan.get("host") not in nodes:
                 return None
             s = nodes[plan["host"]].status()
             plan, runner = s.get("electd", {}), s.get("runnerd", {})
             return s if runner.get("placement") and runner.get("llama_plan_key") == plan.get("key") else None
         joined = time.monotonic()
-        status = wait_until(serving, timeout=300, interval=0.5, what="the host serving the split")
+        status = wait_until(serving, timeout=180, interval=0.5, what="the host serving the split")
         result["join_to_serving_s"] = round(time.monotonic() - joined, 1)
         plan, runner = status["electd"], status["runnerd"]
         serving_host = nodes[plan["host"]]
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args(argv)
     shutil.rmtree(args.root, ignore_errors=True)
-    default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu", "one-gpu-two-devices"]
+    default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu-two-devices", "one-gpu"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for name in args.scenario or default:

@@ -41,7 +41,10 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
     `local_weights`: the host's own GPUs as tensor_split takes them (None: one, the backend's default)."""
     # --metrics: runnerd reads the draft acceptance from it (loopback only, like the server itself).
     args = [str(binaries.llama_server), "--model", model.path, "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation]
+            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation,
+            # -lv 4: libllama's load report (which device holds how much: runnerd's `placement`) is at
+            # trace level in this llama.cpp; it adds a few lines per request, none per token.
+            "-lv", "4"]
     if threads:
         args += ["--threads", str(threads)]
     if model.embeddings:

@@ -13,7 +13,8 @@ RPC_BUFFER = re.compile(r"^RPC\d+\[[\d.]+:(\d+)\]$")
 
 def device_placement(llama_log: str, rpc_forwards: dict[str, int], me: str) -> list[DevicePlacement]:
     """Model bytes per device in `llama_log` (one load's), each named by whose it is: a worker by its
-    forward port, else this node. In the log's order; a device with several buffers is summed."""
+    forward port, else this node. In the log's order, which is not the devices' (it walks a map keyed
+    by buffer type); a device with several buffers is summed."""
     node_by_port = {port: node_id for node_id, port in rpc_forwards.items()}
     found: dict[str, DevicePlacement] = {}
     for device, mib in BUFFER.findall(llama_log):

@@ -62,10 +62,11 @@ def test_llama_server_puts_each_workers_layers_where_the_plan_says(tmp_path):
         assert found["host_cpu_layers"] == round(0.5 * n_layers)
         big_layers, small_layers = (d["layers"] for d in found["devices"])
         assert big_layers > small_layers > 0  # a swap of the two workers would show here and in the bytes
-        assert abs(big_layers - 0.333 * n_layers) <= 1 and abs(small_layers - 0.167 * n_layers) <= 1, found
+        # llama.cpp counts the output layer's slot in the split (the host keeps the layer itself): ±1 layer
+        assert abs(big_layers - 0.333 * n_layers) < 1.5 and abs(small_layers - 0.167 * n_layers) < 1.5, found
         # `meshctl status` shows the same report
-        assert [p["device"] for p in runner["placement"] if p["device"].startswith("RPC")] == \
-            [d["device"] for d in found["devices"]]
+        assert sorted(p["device"] for p in runner["placement"] if p["device"].startswith("RPC")) == \
+            sorted(d["device"] for d in found["devices"])
     finally:
         for n in nodes:
             n.stop()

@@ -61,8 +61,10 @@ def check(plan: dict, args: list[str], rpc_forwards: dict[str, int], llama_log: 
         wanted += [(d, me) for d in local]
     assert len(splits) == len(wanted), f"--tensor-split has {len(splits)} ratios for the devices {wanted}"
     got = [(p.device, p.node_id) for p in placed if p.device.startswith("RPC") or LOCAL_DEVICE.match(p.device)]
-    # a device with a 0 ratio holds nothing and has no buffer
-    assert got == [w for w, s in zip(wanted, splits) if s > 0], f"llama-server placed {got}, the plan means {wanted}"
+    # The log lists buffers in no particular order (a map keyed by buffer type), so by name; a device
+    # with a 0 ratio holds nothing and has no buffer.
+    assert sorted(got) == sorted(w for w, s in zip(wanted, splits) if s > 0), \
+        f"llama-server placed {got}, the plan means {wanted}"
 
     layer_bytes, other_bytes = defaultdict(int), 0
     for t in GGUFReader(model_path).tensors:

@@ -59,6 +59,7 @@ def test_solo_host_offloads_everything_locally_on_loopback():
     args = llama_server_args(BINS, 8080, MODEL, plan(("me", 1.0)), "me", {}, backend="cpu", ctx_size=4096, threads=None)
     assert flag(args, "--host") == "127.0.0.1" and flag(args, "--rpc") is None and flag(args, "--n-gpu-layers") == "999"
     assert flag(args, "--fit") == "off"  # it could change nothing we set, and costs a second vocabulary read
+    assert flag(args, "-lv") == "4"  # the load report, device by device, that runnerd reads
     older = Binaries(BINS.rpc_server, BINS.llama_server, True, has_fit=False)
     assert "--fit" not in llama_server_args(older, 8080, MODEL, plan(("me", 1.0)), "me", {}, backend="cpu",
                                             ctx_size=4096, threads=None)  # a flag it lacks would stop it
