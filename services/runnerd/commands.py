@@ -74,11 +74,11 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
         my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
         kept = min(round(my_ratio * model.n_layers), model.n_layers - 1)
         args += ["--n-gpu-layers", str(model.n_layers - kept + 1),
-                 "--tensor-split", ",".join(f"{r:.3f}" for r in tensor_split(plan, me, [])),
+                 "--tensor-split", layer_split(tensor_split(plan, me, []), model.n_layers - kept),
                  "--override-tensor", OUTPUT_ON_HOST]
     else:
         args += ["--n-gpu-layers", "999",
-                 "--tensor-split", ",".join(f"{r:.3f}" for r in tensor_split(plan, me, local_weights or [1]))]
+                 "--tensor-split", layer_split(tensor_split(plan, me, local_weights or [1]), model.n_layers)]
     return args
 
 
@@ -99,3 +99,20 @@ def tensor_split(plan: Plan, me: str, local_weights: list[int]) -> list[float]:
         shares += spread(my_ratio, local_weights)
     total = sum(shares) or 1.0
     return [s / total for s in shares]
+
+
+def layer_split(shares: list[float], layers: int) -> str:
+    """--tensor-split that gives each device exactly its share of the `layers` offloaded (largest
+    remainder). llama.cpp splits layers + 1 slots (the output layer's too, which goes to the last
+    device) at the ratios' cumulative points; putting each point half a slot before the next device's
+    first layer gives the counts exactly, whatever float32 does to the division."""
+    exact = [s * layers for s in shares]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(shares)), key=lambda i: (counts[i] - exact[i], i))[:layers - sum(counts)]:
+        counts[i] += 1
+    points, running = [], 0
+    for c in counts[:-1]:
+        running += c
+        points.append(running - 0.5 if running else 0.0)
+    points.append(layers + 1.0)
+    return ",".join(f"{b - a:g}" for a, b in zip([0.0, *points], points))

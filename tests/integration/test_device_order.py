@@ -51,7 +51,7 @@ def test_llama_server_puts_each_workers_layers_where_the_plan_says(tmp_path):
         assert [m["devices"] for m in plan["members"]] == [[6 << 30], [4 << 30], [2 << 30]]
         # runnerd's command line: the workers in plan order, the host keeping its half as layers
         args = psutil.Process(runner["llama"]["pid"]).cmdline()
-        assert flag(args, "--tensor-split") == "0.666,0.334"
+        assert flag(args, "--tensor-split") == "9.5,6.5"  # 10 and 5 of the 15 layers the host does not keep
 
         log = (host.home / "logs" / "llama-server.log").read_text(errors="replace")
         found = check(plan, args, forwards, log, runner["model"]["path"], runner["model"]["n_layers"], ids[host])
@@ -62,8 +62,7 @@ def test_llama_server_puts_each_workers_layers_where_the_plan_says(tmp_path):
         assert found["host_cpu_layers"] == round(0.5 * n_layers)
         big_layers, small_layers = (d["layers"] for d in found["devices"])
         assert big_layers > small_layers > 0  # a swap of the two workers would show here and in the bytes
-        # llama.cpp counts the output layer's slot in the split (the host keeps the layer itself): ±1 layer
-        assert abs(big_layers - 0.333 * n_layers) < 1.5 and abs(small_layers - 0.167 * n_layers) < 1.5, found
+        assert (big_layers, small_layers) == (round(0.333 * n_layers), round(0.167 * n_layers)), found
         # `meshctl status` shows the same report
         assert sorted(p["device"] for p in runner["placement"] if p["device"].startswith("RPC")) == \
             sorted(d["device"] for d in found["devices"])

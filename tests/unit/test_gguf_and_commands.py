@@ -6,7 +6,7 @@ import pytest
 from common.binaries import Binaries, Device, devices_from_listing
 from common.gguf_info import ModelError, inspect_gguf
 from common.messages import ModelInfo, Plan, PlanMember
-from services.runnerd.commands import NotReady, llama_server_args, tensor_split
+from services.runnerd.commands import NotReady, layer_split, llama_server_args, tensor_split
 from services.runnerd.memory import GB, detect_memory
 from tests.support.random_gguf import write_preset
 
@@ -69,8 +69,9 @@ def test_cpu_host_keeps_its_share_as_layers_and_splits_the_rest_over_tunnels():
     p = plan(("me", 0.5), ("w1", 0.25), ("w2", 0.25))
     args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001, "w2": 5002}, backend="cpu", ctx_size=4096, threads=2)
     assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
-    # 10 of 18 with the output layer, which llama.cpp counts too: 9 layers stay here
-    assert flag(args, "--n-gpu-layers") == "10" and flag(args, "--tensor-split") == "0.500,0.500"
+    # 10 of 18 with the output layer, which llama.cpp counts too: 9 layers stay here; of the 9 offloaded
+    # 5 and 4 (the largest remainder), in slots of llama.cpp's split, the output layer's slot last
+    assert flag(args, "--n-gpu-layers") == "10" and flag(args, "--tensor-split") == "4.5,5.5"
     # the output matrix (or the embedding tied to it) stays on the host, and only it: llama.cpp searches
     # these patterns, so an unanchored `output\.weight` would also pull every layer's attn_output here
     patterns = [p.split("=")[0] for p in flag(args, "--override-tensor").split(",")]
@@ -83,7 +84,7 @@ def test_gpu_host_lists_the_rpc_devices_before_its_own():
     # --tensor-split's first ratio is the first worker's; the integration test reads where the layers went
     p = plan(("me", 0.6), ("w1", 0.4))
     args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001}, backend="cuda", ctx_size=4096, threads=None)
-    assert flag(args, "--tensor-split") == "0.400,0.600" and flag(args, "--n-gpu-layers") == "999"
+    assert flag(args, "--tensor-split") == "6.5,12.5" and flag(args, "--n-gpu-layers") == "999"  # 7 and 11 of 18
 
 
 def test_several_gpus_on_host_and_worker_each_get_their_memory_share():
@@ -97,9 +98,20 @@ def test_several_gpus_on_host_and_worker_each_get_their_memory_share():
     args = llama_server_args(BINS, 8080, MODEL, p, "me", {"w1": 5001, "w2": 5002}, backend="cuda", ctx_size=4096,
                              threads=None, local_weights=[200, 100])
     assert flag(args, "--rpc") == "127.0.0.1:5001,127.0.0.1:5002"
-    assert flag(args, "--tensor-split") == "0.200,0.100,0.100,0.400,0.200"
+    assert flag(args, "--tensor-split") == "3.5,2,2,7,4.5"  # 4, 2, 2, 7 and 3 of the 18 layers
     # a CPU host keeps its share as layers; the workers' devices split the rest
     assert [round(r, 3) for r in tensor_split(p, "me", [])] == [0.5, 0.25, 0.25]
+
+
+def test_layer_split_gives_each_device_exactly_its_layers_in_llama_cpps_rule():
+    from tests.support.device_order import layer_devices
+    for shares, layers in [([0.666, 0.334], 15), ([0.5, 0.5], 32), ([0.2, 0.1, 0.1, 0.4, 0.2], 32), ([0.0, 1.0], 10),
+                           ([0.3, 0.0, 0.7], 7), ([1.0], 5)]:
+        splits = [float(x) for x in layer_split(shares, layers).split(",")]
+        placed = layer_devices(layers, layers + 1, splits)
+        counts = [placed[:layers].count(i) for i in range(len(shares))]
+        assert sum(counts) == layers and all(abs(c - s * layers) < 1 for c, s in zip(counts, shares)), (shares, counts)
+        assert placed[layers] == len(shares) - 1  # the output layer's slot: the last device (the host's GPU)
 
 
 def test_memory_offered_per_device_follows_llama_cpps_list_and_device():
