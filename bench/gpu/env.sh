@@ -14,4 +14,7 @@ if ! command -v git >/dev/null; then
     mkdir -p /tmp/shim && printf '#!/bin/sh\n[ "$1" = apply ] || exit 1\nfor f; do :; done\nexec patch -p1 --forward -i "$f"\n' >/tmp/shim/git
     chmod +x /tmp/shim/git && export PATH="/tmp/shim:$PATH"
 fi
+# Every service imports here, before minutes of building: a package missing from .gpu/wheels would
+# otherwise show only as a service in a restart loop (fastapi's opentelemetry once did).
+python3 -c "import meshctl.cli, services.meshd.main, services.electd.main, services.runnerd.main, services.gatewayd.main"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from tests.support.procs import wait_until
 # name: (host's CUDA_VISIBLE_DEVICES, worker's, worker's flags)
 SCENARIOS = {"one-each": ("0", "1", []), "both-each": ("0,1", "0,1", []), "one-gpu": ("0", "0", []),
              "one-gpu-two-devices": ("0", "0", ["--device", "CUDA0,CUDA0", "--max-vram", "100G"])}
+STOPPED = "stopped by SIGTERM (the call's time ran out)"
 PROMPT = "Write a long story about a lighthouse keeper."
 
 
@@ -110,8 +112,8 @@ def scenario(name: str, model: Path, root: Path, max_tokens: int, out_dir: Path)
         result.update(decode(serving_host, max_tokens))
         print(f"[{name}] decode {result['decode_tok_s']} tok/s, prefill {result['prefill_tok_s']} tok/s "
               f"({result['tokens']} tokens, {result['wall_s']} s)", flush=True)
-    except Exception as exc:  # one scenario's failure is a result too: the next may still run
-        result["error"] = f"{type(exc).__name__}: {exc}"
+    except (Exception, SystemExit) as exc:  # one scenario's failure is a result too; SIGTERM (124) ends the run
+        result["error"] = (STOPPED if isinstance(exc, SystemExit) else f"{type(exc).__name__}: {exc}")
         print(f"[{name}] FAILED: {result['error']}", flush=True)
         for n in (host, worker):
             for log in [n.home / "meshctl-up.out", *sorted((n.home / "logs").glob("*.log"))]:
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out-dir", type=Path, default=Path("bench/results"))
     ap.add_argument("--max-tokens", type=int, default=256)
     args = ap.parse_args(argv)
+    # The device tool's time limit ends us with SIGTERM: unwind, so the nodes' logs are still kept.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(124))
     shutil.rmtree(args.root, ignore_errors=True)
     default = ["one-each", "both-each"] if gpu_count() > 1 else ["one-gpu-two-devices", "one-gpu"]
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.scenario or default:
         results.append(scenario(name, args.model, args.root, args.max_tokens, args.out_dir))
         (args.out_dir / "mesh-gpu.json").write_text(json.dumps(results, indent=2))  # each as it ends
+        if results[-1].get("error") == STOPPED:
+            break
     return 1 if any("error" in r for r in results) else 0
 
 

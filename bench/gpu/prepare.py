@@ -34,7 +34,7 @@ WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "annotated-types", "
           "typing-extensions", "python-dotenv", "gguf", "aioquic", "pylsqpack", "pyopenssl", "service-identity",
           "attrs", "cryptography", "cffi", "pycparser", "pyzmq", "httpx", "httpcore", "h11", "anyio", "sniffio", "idna",
           "supervisor", "psutil", "uvicorn", "click", "fastapi", "starlette", "annotated-doc", "prometheus-client",
-          "aioice", "dnspython", "ifaddr", "rich", "markdown-it-py", "mdurl", "pygments"]
+          "aioice", "dnspython", "ifaddr", "rich", "markdown-it-py", "mdurl", "pygments", "certifi", "opentelemetry-api"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 # Trimmed from the source: nothing a CUDA (or CPU) build of the two targets reads.
