@@ -69,8 +69,11 @@ def trimmed_source(target: Path) -> None:
 
 def wheels(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    have = {f.name.split("-")[0].lower() + "-" + f.name.split("-")[1] for f in folder.glob("*.whl")}
     for name in WHEELS:
         version = importlib.metadata.version(name)
+        if f"{name.replace('-', '_').lower()}-{version}" in have:
+            continue  # a folder from before gets only what it lacks
         platforms = [a for p in PLATFORMS for a in ("--platform", p)]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder),
@@ -87,8 +90,7 @@ def main() -> int:
     source = OUT / "llama-src.tar.gz"
     if not source.exists():
         trimmed_source(source)
-    if not (OUT / "wheels").exists():
-        wheels(OUT / "wheels")
+    wheels(OUT / "wheels")
     project_wheel(OUT / "project")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"{OUT}: {total / (1 << 20):.1f} MiB (limit {LIMIT >> 20} MiB with the repo)")
