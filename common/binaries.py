@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -15,6 +16,14 @@ class BinariesError(Exception):
 
 
 @dataclass(frozen=True)
+class Device:
+    """An accelerator as `llama-server --list-devices` names it (CUDA0, MTL0, …); it honours CUDA_VISIBLE_DEVICES."""
+    name: str
+    total_bytes: int
+    free_bytes: int
+
+
+@dataclass(frozen=True)
 class Binaries:
     rpc_server: Path
     llama_server: Path
@@ -22,6 +31,7 @@ class Binaries:
     has_fit: bool = False      # llama-server's --fit pass (on by default in builds since late 2025)
     backend: str = "cpu"       # what llama-server offloads to: cpu, cuda, metal, vulkan, rocm…
     rpc_tls: bool = False      # our patch: mutual TLS on RPC (rpc-server --tls-*, NODEID@host:port endpoints)
+    devices: tuple[Device, ...] = ()  # its accelerators on this machine, in llama.cpp's order (none: CPU)
 
 
 def _build_module():
@@ -65,8 +75,9 @@ def find_binaries(bin_dir: Path | None, *, build_if_missing: bool = False,
         raise BinariesError(f"{' and '.join(missing)} not found in {bin_dir}; build llama.cpp with -DGGML_RPC=ON "
                             f"or drop --bin-dir to use the project's own build")
     rpc_help = _help_text(rpc_server)
+    backend, devices = binaries_backend(llama_server)
     return Binaries(rpc_server, llama_server, loads_local_weights="--gguf" in rpc_help,
-                    has_fit=_help_mentions(llama_server, "--fit "), backend=binaries_backend(llama_server),
+                    has_fit=_help_mentions(llama_server, "--fit "), backend=backend, devices=devices,
                     rpc_tls="--tls-allow" in rpc_help)
 
 
@@ -91,6 +102,15 @@ def backend_from_devices(listing: str) -> str | None:
     return "cpu"
 
 
+DEVICE_LINE = re.compile(r"^\s*(\S+): .* \((\d+) MiB, (\d+) MiB free\)\s*$")
+
+
+def devices_from_listing(listing: str) -> tuple[Device, ...]:
+    """`llama-server --list-devices` output → its accelerators, in its order. Pure, for tests."""
+    found = (DEVICE_LINE.match(line) for line in listing.splitlines())
+    return tuple(Device(m[1], int(m[2]) << 20, int(m[3]) << 20) for m in found if m)
+
+
 def backend_from_libraries(ldd_output: str) -> str:
     for hint, backend in LIBRARY_HINTS:
         if hint in ldd_output:
@@ -98,24 +118,24 @@ def backend_from_libraries(ldd_output: str) -> str:
     return "cpu"
 
 
-def binaries_backend(llama_server: Path) -> str:
-    """What these binaries offload to on this machine: the devices llama-server itself reports (a CUDA
-    build on a machine without a GPU lists none: it runs as CPU), else the libraries it links."""
+def binaries_backend(llama_server: Path) -> tuple[str, tuple[Device, ...]]:
+    """What these binaries offload to on this machine, and its devices: what llama-server itself reports
+    (a CUDA build on a machine without a GPU lists none: it runs as CPU), else the libraries it links."""
     try:
         out = subprocess.run([str(llama_server), "--list-devices"], capture_output=True, text=True, timeout=30)
         found = backend_from_devices(out.stdout + out.stderr)
         if found:
-            return found
+            return found, devices_from_listing(out.stdout)
     except (OSError, subprocess.TimeoutExpired):
         pass
     ldd = shutil.which("ldd") or shutil.which("otool")
     if not ldd:
-        return "cpu"
+        return "cpu", ()
     args = [ldd, "-L", str(llama_server)] if ldd.endswith("otool") else [ldd, str(llama_server)]
     try:
-        return backend_from_libraries(subprocess.run(args, capture_output=True, text=True, timeout=10).stdout)
+        return backend_from_libraries(subprocess.run(args, capture_output=True, text=True, timeout=10).stdout), ()
     except (OSError, subprocess.TimeoutExpired):
-        return "cpu"
+        return "cpu", ()
 
 
 def _help_text(binary: Path) -> str:

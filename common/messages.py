@@ -64,11 +64,19 @@ class DecodeRate(Message):
     at: float = 0.0  # unix time of the read
 
 
+class DevicePlacement(Message):
+    """A device llama-server put model weights on, as its log names it (CUDA0, RPC0[127.0.0.1:port], CPU_Mapped)."""
+    device: str
+    node_id: str = ""  # whose device: this node, or the worker behind the RPC forward
+    model_bytes: int = 0
+
+
 class RunnerState(Message):
     kind: Literal["runner_state"] = "runner_state"
     node_id: str = ""
     memory_bytes: int = 0
     memory_source: str = ""
+    device_memory: list[int] = Field(default_factory=list)  # per device its rpc-server serves; sums to memory_bytes
     backend: str = ""
     model: ModelInfo | None = None
     rpc: ChildState = Field(default_factory=ChildState)
@@ -81,6 +89,7 @@ class RunnerState(Message):
     llama: ChildState = Field(default_factory=ChildState)
     llama_plan_key: str = ""
     weights: list[WeightLoad] = Field(default_factory=list)  # per worker, from llama-server's rpc-gguf log
+    placement: list[DevicePlacement] = Field(default_factory=list)  # llama-server's own report, device by device
     speculation: SpeculationState = Field(default_factory=SpeculationState)
     decode: DecodeRate = Field(default_factory=DecodeRate)  # recent requests, all senders
     error: str | None = None
@@ -94,6 +103,7 @@ class PlanMember(Message):
     node_id: str
     memory_bytes: int
     ratio: float
+    devices: list[int] = Field(default_factory=list)  # memory per device it offers; the host splits `ratio` by it
 
 
 class Exclusion(Message):
@@ -156,6 +166,8 @@ class Announcement(Message):
     role: Literal["worker", "client"]
     version: str
     memory_bytes: int = 0
+    # memory per device of its rpc-server, in that server's order (several GPUs behind one server)
+    device_memory: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=64)
     model_name: str | None = None
     model_fingerprint: str | None = None
     model_size: int = 0

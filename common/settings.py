@@ -103,9 +103,10 @@ class Settings(BaseSettings):
     split: bool = Field(False, description="split over every node with the model even when it fits one")
     bin_dir: Path | None = Field(None, description="directory with ggml-rpc-server (or rpc-server) and llama-server",
                                  json_schema_extra=cli(default="project build"))
-    device: str | None = Field(None, description="device for ggml-rpc-server, e.g. CUDA0 or MTL0",
-                               json_schema_extra=cli(metavar="DEV", default="backend default"))
-    max_vram: Annotated[int | None, NoDecode] = Field(None, description="memory this node offers, e.g. 8G (overrides detection)",
+    device: str | None = Field(None, description="devices this node offers (its ggml-rpc-server serves them all), "
+                                                 "as llama.cpp names them, e.g. CUDA0 or CUDA0,CUDA1",
+                               json_schema_extra=cli(metavar="DEV[,DEV]", default="every GPU llama.cpp lists"))
+    max_vram: Annotated[int | None, NoDecode] = Field(None, description="memory this node offers, e.g. 8G (overrides detection; spread over its GPUs by their size)",
                                                       json_schema_extra=cli(metavar="SIZE", default="detected"))
     ctx_size: int = Field(4096, ge=256, description="llama-server context size")
     threads: int | None = Field(None, ge=1, description="CPU threads for llama.cpp",

@@ -228,6 +228,10 @@ def render_status(status: dict) -> str:
     for w in runner.get("weights", []):
         lines.append(f"weights of {w['node_id'][:8]}: {w['local_bytes'] / 1e6:.1f} MB from its own GGUF, "
                      f"{w['sent_bytes'] / 1e6:.1f} MB sent" + (f" ({w['misses']} tensors missed)" if w["misses"] else ""))
+    if runner.get("placement"):  # llama-server's own report: which device holds how much of the model
+        lines.append("placed: " + ", ".join(
+            f"{p['device']} ({'this node' if p['node_id'] == me else p['node_id'][:8] or '?'}) "
+            f"{p['model_bytes'] / 1e6:.0f} MB" for p in runner["placement"]))
     if runner.get("memory_bytes"):
         lines.append(f"memory offered: {gb(runner['memory_bytes'])} ({runner.get('memory_source')})")
     if "upstream" in gateway:

@@ -3,12 +3,14 @@
     .gpu/llama-src.tar.gz   the pinned llama.cpp source (from the verified sdist), trimmed of what a CUDA
                             build of ggml-rpc-server + llama-server does not use (models, docs, other backends)
     .gpu/wheels/*.whl       the Python packages the benchmark needs that the machine's image lacks (cp312)
+    .gpu/project/*.whl      this project's own wheel, rebuilt each time (its console scripts start the services)
 
 No real model fits beside them: the registry's smallest, SmolLM2-135M-Instruct, is 98 MB as Q4_1, and its
 576-wide rows rule out the 2-3 bit K-quants (they need multiples of 256), so a requantized copy stays near
 80 MB. run.sh writes a random-weight 7B there instead (tests/support/random_gguf.py).
 
     python -m bench.gpu.prepare            # then: the device tool runs `bash bench/gpu/run.sh` with carry [".gpu"]
+                                           # (the benchmark), or `bash bench/gpu/mesh.sh` (two nodes, meshctl up)
 
 The machine has no package registry, so everything comes from here; bench/gpu/run.sh builds CUDA from
 that source with llama.cpp/build.py (MESH_LLAMA_SOURCE) and runs the product-layout benchmark.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -25,10 +28,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 OUT = REPO / ".gpu"
 LIMIT = 64 << 20
-# Not in the GPU machine's image (or too old there): the product's dependencies the benchmark imports.
+# The product's dependencies (`meshctl up` and the benchmark) that the machine's image lacks or has too old
+# (cp312). The image's own numpy, huggingface-hub and their dependencies are used as they are.
 WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "annotated-types", "typing-inspection",
           "typing-extensions", "python-dotenv", "gguf", "qh3",
-          "cryptography", "cffi", "pycparser", "pyzmq", "httpx", "httpcore", "h11", "anyio", "sniffio", "idna"]
+          "cryptography", "cffi", "pycparser", "pyzmq", "httpx", "httpcore", "h11", "anyio", "sniffio", "idna",
+          "supervisor", "psutil", "uvicorn", "click", "fastapi", "starlette", "annotated-doc", "prometheus-client",
+          "aioice", "dnspython", "ifaddr", "rich", "markdown-it-py", "mdurl", "pygments", "certifi", "opentelemetry-api"]
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 # Trimmed from the source: nothing a CUDA (or CPU) build of the two targets reads.
@@ -63,12 +69,20 @@ def trimmed_source(target: Path) -> None:
 
 def wheels(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    have = {f.name.split("-")[0].lower() + "-" + f.name.split("-")[1] for f in folder.glob("*.whl")}
     for name in WHEELS:
         version = importlib.metadata.version(name)
+        if f"{name.replace('-', '_').lower()}-{version}" in have:
+            continue  # a folder from before gets only what it lacks
         platforms = [a for p in PLATFORMS for a in ("--platform", p)]
         subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                         "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder),
                         f"{name}=={version}"], check=True)
+
+
+def project_wheel(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(folder), str(REPO)], check=True)
 
 
 def main() -> int:
@@ -76,8 +90,8 @@ def main() -> int:
     source = OUT / "llama-src.tar.gz"
     if not source.exists():
         trimmed_source(source)
-    if not (OUT / "wheels").exists():
-        wheels(OUT / "wheels")
+    wheels(OUT / "wheels")
+    project_wheel(OUT / "project")
     total = sum(f.stat().st_size for f in OUT.rglob("*") if f.is_file())
     print(f"{OUT}: {total / (1 << 20):.1f} MiB (limit {LIMIT >> 20} MiB with the repo)")
     return 0 if total < LIMIT - (4 << 20) else 1

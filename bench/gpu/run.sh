@@ -5,19 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT="${OUT:-bench/results}"
-export PYTHONUNBUFFERED=1
 started=$(date +%s)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
-export PYTHONPATH="/tmp/site:$PWD"
-export PATH="/usr/local/cuda/bin:$PATH"
-export MESH_LLAMA_SOURCE="$PWD/.gpu/llama-src.tar.gz" MESH_CUDA_ARCH="${MESH_CUDA_ARCH:-90}" MESH_LLAMA_BACKEND=cuda
-export MESH_LLAMA_CACHE=/tmp/llama-cache
-if ! command -v git >/dev/null; then
-    # llama.cpp/build.py applies our patches with `git apply -p1 ... FILE`; GNU patch does the same job
-    mkdir -p /tmp/shim && printf '#!/bin/sh\n[ "$1" = apply ] || exit 1\nfor f; do :; done\nexec patch -p1 --forward -i "$f"\n' >/tmp/shim/git
-    chmod +x /tmp/shim/git && export PATH="/tmp/shim:$PATH"
-fi
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+source bench/gpu/env.sh
 python3 llama.cpp/build.py 2>&1 | tail -n 5
 echo "pip + build: $(( $(date +%s) - started )) s"
 model=/tmp/random-7b.gguf  # no real model fits the 64 MiB that travel (bench/gpu/prepare.py says why)

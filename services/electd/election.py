@@ -27,6 +27,7 @@ class Candidate:
     role: str = "worker"
     rpc_ready: bool = True
     rtt_ms: float | None = None  # round trip from the node computing the plan; None: not measured
+    devices: tuple[int, ...] = ()  # memory per device it offers (several GPUs behind one rpc-server)
 
 
 DEFAULT_MAX_RTT_MS = 80.0  # past this, mesh-llm found that splits stop paying
@@ -75,7 +76,9 @@ def split_by_memory(memories: list[int]) -> list[float]:
 
 
 def plan_key(host: str, members: list[PlanMember]) -> str:
-    text = host + "|" + ";".join(f"{m.node_id}:{m.ratio:.3f}" for m in members)
+    # A member's devices are in the key once it has several: a GPU more or less changes --tensor-split.
+    text = host + "|" + ";".join(f"{m.node_id}:{m.ratio:.3f}" + (f"{list(m.devices)}" if len(m.devices) > 1 else "")
+                                 for m in members)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -109,7 +112,7 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
     needed = int(model_size * margin)
     host = elect_host(eligible)
     if host.memory_bytes >= needed and (not force_split or len(eligible) == 1):
-        members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0)]
+        members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0, devices=list(host.devices))]
         return Plan(state="solo", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
                     available_bytes=host.memory_bytes, key=plan_key(host.node_id, members),
                     reason=f"elected {host.node_id[:8]} ({fmt_gb(host.memory_bytes)} for a {fmt_gb(model_size)} model)")
@@ -119,7 +122,7 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
                                     current=current)
         eligible, excluded = [host, *partners], excluded + too_far
         if len(eligible) == 1 and host.memory_bytes >= needed:
-            members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0)]
+            members = [PlanMember(node_id=host.node_id, memory_bytes=host.memory_bytes, ratio=1.0, devices=list(host.devices))]
             return Plan(state="solo", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
                         available_bytes=host.memory_bytes, key=plan_key(host.node_id, members),
                         reason=f"elected {host.node_id[:8]} ({fmt_gb(host.memory_bytes)} for a {fmt_gb(model_size)} "
@@ -138,6 +141,7 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
             reason = f"split over {len(ordered)} nodes by --tensor-split"
         else:
             reason += f" (--tensor-split has {len(tensor_split)} ratios for {len(ordered)} nodes; ignored)"
-    members = [PlanMember(node_id=c.node_id, memory_bytes=c.memory_bytes, ratio=r) for c, r in zip(ordered, ratios)]
+    members = [PlanMember(node_id=c.node_id, memory_bytes=c.memory_bytes, ratio=r, devices=list(c.devices))
+               for c, r in zip(ordered, ratios)]
     return Plan(state="split", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
                 available_bytes=available, key=plan_key(host.node_id, members), reason=reason)

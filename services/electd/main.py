@@ -49,9 +49,10 @@ class Electd:
         model = self.runner.model
         if model is None:
             return Plan(state="no-model", reason=self.runner.error or self.runner.status or "no model loaded yet")
-        me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint)
+        me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint,
+                       devices=tuple(self.runner.device_memory))
         peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
-                           p.announcement.role, p.announcement.rpc_ready, p.rtt_ms)
+                           p.announcement.role, p.announcement.rpc_ready, p.rtt_ms, tuple(p.announcement.device_memory))
                  for p in self.mesh.peers if p.connected]
         serving = frozenset(m.node_id for m in self.plan.members) if self.plan.state == "split" else frozenset()
         return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,

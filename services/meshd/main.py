@@ -226,7 +226,8 @@ class Meshd:
         model = self.runner.model
         fields = dict(
             node_id=self.me_id, role="client" if self.settings.client else "worker", version=VERSION,
-            memory_bytes=self.runner.memory_bytes, model_name=model.name if model else None,
+            memory_bytes=self.runner.memory_bytes, device_memory=self.runner.device_memory,
+            model_name=model.name if model else None,
             model_fingerprint=model.fingerprint if model else None, model_size=model.size_bytes if model else 0,
             rpc_ready=self.runner.rpc.state == "ready", rpc_tls=self.runner.rpc_tls, mesh_addrs=self.listen, data_tcp=self.gateway.data_tcp,
             data_quic=self.gateway.data_quic, host_ready=self.runner.llama.state == "ready",

@@ -56,13 +56,19 @@ def rpc_endpoint(worker: str, *, tls: bool, direct: tuple[str, int] | None, forw
 
 def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Plan, me: str,
                       rpc_endpoints: dict[str, str], *, backend: str, ctx_size: int,
-                      threads: int | None, speculation: list[str] = ()) -> list[str]:
+                      threads: int | None, speculation: list[str] = (),
+                      local_weights: list[int] | None = None) -> list[str]:
     """llama-server for this node as host of `plan`. Remote members are reached at `rpc_endpoints`
     (rpc_endpoint: direct TLS, or the gateway's loopback forwards); the host uses its own device
-    directly, not its own rpc-server. `speculation`: its flags (services/runnerd/speculation.py)."""
+    directly, not its own rpc-server. `speculation`: its flags (services/runnerd/speculation.py), the
+    same solo or split. `local_weights`: the host's own GPUs as tensor_split takes them (None: one,
+    the backend's default)."""
     # --metrics: runnerd reads the draft acceptance from it (loopback only, like the server itself).
     args = [str(binaries.llama_server), "--model", model.path, "--host", "127.0.0.1", "--port", str(port),
-            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation]
+            "--ctx-size", str(ctx_size), "--no-webui", "--alias", model.name, "--metrics", *speculation,
+            # -lv 4: libllama's load report (which device holds how much: runnerd's `placement`) is at
+            # trace level in this llama.cpp; it adds a few lines per request, none per token.
+            "-lv", "4"]
     if threads:
         args += ["--threads", str(threads)]
     if model.embeddings:
@@ -83,19 +89,54 @@ def llama_server_args(binaries: Binaries, port: int, model: ModelInfo, plan: Pla
     if missing:
         raise NotReady(f"waiting for tunnels to {', '.join(missing)}")
     args += ["--rpc", ",".join(rpc_endpoints[m.node_id] for m in remote)]
-    my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
-    remote_total = sum(m.ratio for m in remote) or 1.0
     if backend == "cpu":
         # A CPU host has no device of its own to offload to: its share is the layers it keeps. The
         # output matrix (or the embedding tied to it), which llama.cpp would offload with the last
         # layers, stays here: otherwise each token's logits (1 MB for a 262k vocabulary) cross the
         # network, and the last worker loads a matrix that is 2/3 of the default model.
-        kept = round(my_ratio * model.n_layers)
-        args += ["--n-gpu-layers", str(max(model.n_layers - kept, 1)),
-                 "--tensor-split", ",".join(f"{m.ratio / remote_total:.3f}" for m in remote),
+        # llama.cpp counts the output layer among --n-gpu-layers: n_layers - kept + 1 leaves `kept` here.
+        my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
+        kept = min(round(my_ratio * model.n_layers), model.n_layers - 1)
+        args += ["--n-gpu-layers", str(model.n_layers - kept + 1),
+                 "--tensor-split", layer_split(tensor_split(plan, me, []), model.n_layers - kept),
                  "--override-tensor", OUTPUT_ON_HOST]
     else:
-        # Local GPU first, then the RPC devices in --rpc order.
         args += ["--n-gpu-layers", "999",
-                 "--tensor-split", ",".join(f"{r:.3f}" for r in [my_ratio] + [m.ratio for m in remote])]
+                 "--tensor-split", layer_split(tensor_split(plan, me, local_weights or [1]), model.n_layers)]
     return args
+
+
+def tensor_split(plan: Plan, me: str, local_weights: list[int]) -> list[float]:
+    """--tensor-split in this llama.cpp's device order: the RPC devices first (src/llama.cpp puts them
+    at the front), server by server in --rpc order and each server's devices in its own order, then
+    the host's own GPUs. Each member's ratio is spread over its devices by their memory.
+    `local_weights`: the host's GPUs (Offer.local_weights); empty for a CPU host, whose share is the
+    layers it keeps, so the workers' shares are normalised among themselves."""
+    def spread(ratio: float, weights: list[int]) -> list[float]:
+        total = sum(weights)
+        return [ratio * w / total for w in weights] if total > 0 else [ratio / len(weights)] * len(weights)
+
+    remote = [m for m in plan.members if m.node_id != me]
+    shares = [s for m in remote for s in spread(m.ratio, m.devices or [m.memory_bytes])]
+    if local_weights:
+        my_ratio = next((m.ratio for m in plan.members if m.node_id == me), 0.0)
+        shares += spread(my_ratio, local_weights)
+    total = sum(shares) or 1.0
+    return [s / total for s in shares]
+
+
+def layer_split(shares: list[float], layers: int) -> str:
+    """--tensor-split that gives each device exactly its share of the `layers` offloaded (largest
+    remainder). llama.cpp splits layers + 1 slots (the output layer's too, which goes to the last
+    device) at the ratios' cumulative points; putting each point half a slot before the next device's
+    first layer gives the counts exactly, whatever float32 does to the division."""
+    exact = [s * layers for s in shares]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(shares)), key=lambda i: (counts[i] - exact[i], i))[:layers - sum(counts)]:
+        counts[i] += 1
+    points, running = [], 0
+    for c in counts[:-1]:
+        running += c
+        points.append(running - 0.5 if running else 0.0)
+    points.append(layers + 1.0)
+    return ",".join(f"{b - a:g}" for a, b in zip([0.0, *points], points))

@@ -36,7 +36,8 @@ from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
 from services.gatewayd.policy import rpc_allowed
 from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
-from services.runnerd.memory import detect_memory
+from services.runnerd.memory import Offer, detect_memory
+from services.runnerd.placement import device_placement
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
 from services.runnerd.throughput import decode_totals, recent_rate
 
@@ -63,6 +64,7 @@ class Runnerd:
         self.rtt_ms: dict[str, float | None] = {}  # peer node id -> round trip meshd measured
         # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
         self.speculation: tuple[str, SpeculationChoice] | None = None
+        self.offer: Offer | None = None  # memory per device, known once the binaries are (they list the devices)
         self._plan_changed = asyncio.Event()
         self.peers: dict[str, Announcement] = {}  # connected peers' announcements
         self._rpc_tls: RpcTls | None = None
@@ -94,9 +96,7 @@ class Runnerd:
     async def prepare(self) -> bool:
         self.loop = asyncio.get_running_loop()
         progress.set_reporter(self.report_progress)
-        memory, source = detect_memory(self.settings.max_vram, self.settings.device)
-        self.update(memory_bytes=memory, memory_source=source, status="preparing")
-        log.info("memory offered: %.1f GB (%s)", memory / (1 << 30), source)
+        self.update(status="preparing")
         try:
             model_path = self.settings.model
             if model_path is None:
@@ -115,10 +115,15 @@ class Runnerd:
         finally:
             progress.set_reporter(None)
         backend = self.binaries.backend
+        # After the binaries: llama.cpp's own device list is what its servers will use. electd plans only
+        # once the model is in our state (below), so nothing waits on this longer than it did.
+        self.offer = detect_memory(self.settings.max_vram, self.settings.device, self.binaries.devices)
+        log.info("memory offered: %.1f GB (%s)", self.offer.total / (1 << 30), self.offer.source)
         if not self.binaries.loads_local_weights:
             log.warning("ggml-rpc-server in %s lacks --gguf: remote hosts will push every weight over the network",
                         self.binaries.rpc_server.parent)
         self.update(model=model, backend=backend, rpc_loads_local_weights=self.binaries.loads_local_weights,
+                    memory_bytes=self.offer.total, memory_source=self.offer.source, device_memory=self.offer.devices,
                     status="ready", error=None)
         log.info("model %s: %s, %d layers, %.0f MB, fingerprint %s", model.name, model.arch, model.n_layers,
                  model.size_bytes / 1e6, model.fingerprint)
@@ -273,11 +278,13 @@ class Runnerd:
             return None, f"worker; host is {plan.host[:8] if plan.host else '?'}"
         choice = self.speculation_for(plan)
         draft = str(self.settings.draft_model) if self.settings.draft_model else None
-        spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=self.settings.device)
+        first_device = (self.settings.device or "").split(",")[0] or None  # the draft stays on one
+        spec_args = speculation_args(choice.mode, draft_model=draft, backend=self.state.backend, device=first_device)
         try:
             return llama_server_args(self.binaries, 0, self.state.model, plan, self.node_id, self.rpc_endpoints(plan),
                                      backend=self.state.backend, ctx_size=self.settings.ctx_size,
-                                     threads=self.settings.threads, speculation=spec_args), plan.reason
+                                     threads=self.settings.threads, speculation=spec_args,
+                                     local_weights=self.offer.local_weights), plan.reason
         except NotReady as exc:
             return None, str(exc)
 
@@ -333,7 +340,7 @@ class Runnerd:
                 running = False
             if wanted is None:
                 self.llama, self.llama_spec = None, None
-                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="", weights=[])
+                self.update(llama=ChildState(state="stopped", detail=why), llama_plan_key="", weights=[], placement=[])
                 await self._plan_changed.wait()
                 continue
             if not running:
@@ -406,14 +413,19 @@ class Runnerd:
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
         rpc = spec[spec.index("--rpc") + 1].split(",") if "--rpc" in spec else []
-        weights = weight_loads(self.llama.log_text(log_start), dict(zip([m.node_id for m in self.plan.members
-                                                                          if m.node_id != self.node_id], rpc)))
+        endpoints = dict(zip([m.node_id for m in self.plan.members if m.node_id != self.node_id], rpc))
+        loaded = self.llama.log_text(log_start)
+        weights = weight_loads(loaded, endpoints)
+        placement = device_placement(loaded, endpoints, self.node_id)
+        log.info("llama-server placed the model: %s", ", ".join(
+            f"{p.device} ({p.node_id[:8]}) {p.model_bytes / 1e6:.1f} MB" for p in placement))
         for w in weights:
             if w.misses:
                 log.warning("%s: %d weight tensors (%d bytes) were not in its GGUF and were sent over the network",
                             w.node_id[:8], w.misses, w.sent_bytes)
         self.update(llama=ChildState(state="ready", port=port, pid=self.llama.pid, restarts=restarts,
-                                     detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights)
+                                     detail=self.plan.reason), llama_plan_key=self.plan.key, weights=weights,
+                    placement=placement)
         return outcome
 
     # --- control and lifecycle -------------------------------------------------------------------

@@ -112,3 +112,12 @@ def test_a_serving_member_is_kept_until_well_past_the_bound():
     assert new.state == "solo"
     gone = make_plan(node("a", 10), [far("b", 6, 110.0)], 5 * GB, force_split=True, current=members)
     assert gone.state == "solo"
+
+
+def test_members_carry_their_devices_and_a_gpu_more_changes_the_plan():
+    from dataclasses import replace
+    host, worker = node("a", 10), replace(node("b", 8), devices=(4 * GB, 4 * GB))
+    plan = make_plan(host, [worker], 12 * GB)
+    assert plan.state == "split" and [m.devices for m in plan.members] == [[], [4 * GB, 4 * GB]]
+    # the same memory on one device instead of two: --tensor-split changes, so llama-server must restart
+    assert make_plan(host, [replace(worker, devices=(8 * GB,))], 12 * GB).key != plan.key
