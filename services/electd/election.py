@@ -141,3 +141,9 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
     members = [PlanMember(node_id=c.node_id, memory_bytes=c.memory_bytes, ratio=r) for c, r in zip(ordered, ratios)]
     return Plan(state="split", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
                 available_bytes=available, key=plan_key(host.node_id, members), reason=reason)
+
+
+def host_gone(plan: Plan, me: str, connected: set[str]) -> bool:
+    """The plan's host is another node we no longer hold a link to: nobody serves this plan for us any
+    more, so a new plan need not wait for membership to settle (that wait only adds to the outage)."""
+    return plan.state in ("solo", "split") and bool(plan.host) and plan.host != me and plan.host not in connected

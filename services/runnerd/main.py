@@ -37,6 +37,7 @@ RESTART_BACKOFF_S = (1, 2, 5, 10)
 LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 METRICS_EVERY_S = 5.0  # how often the draft acceptance is read from llama-server's /metrics
+SERVED_FOR_S = 30.0  # a child that died after serving this long is restarted at once: its death is news, not a crash loop
 
 
 class Runnerd:
@@ -51,7 +52,9 @@ class Runnerd:
         self.rpc: Child | None = None
         self.llama: Child | None = None
         self.llama_spec: list[str] | None = None  # the command it runs, with port 0
+        self.llama_ready_at = 0.0
         self.rtt_ms: dict[str, float | None] = {}  # peer node id -> round trip meshd measured
+        self.rpc_ready: set[str] = set()  # connected peers whose rpc-server is ready
         # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
         self.speculation: tuple[str, SpeculationChoice] | None = None
         self._plan_changed = asyncio.Event()
@@ -111,7 +114,7 @@ class Runnerd:
     # --- ggml-rpc-server ---------------------------------------------------------------------------
 
     async def keep_rpc_server(self) -> None:
-        restarts = 0
+        restarts = crashes = 0
         while True:
             port = free_loopback_port()
             args = rpc_server_args(self.binaries, port, self.state.model, device=self.settings.device,
@@ -119,13 +122,16 @@ class Runnerd:
             self.rpc = Child("ggml-rpc-server", args, addresses.log_path(self.settings.home, "rpc-server"))
             self.update(rpc=ChildState(state="starting", port=port, restarts=restarts))
             self.rpc.start()
+            started = time.monotonic()
             if await _wait_port(port, self.rpc, timeout=30):
                 self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts))
             await self.rpc.wait()
             detail = f"ggml-rpc-server {self.rpc.exit_description()}: {self.rpc.log_tail(2)}"
             log.warning("%s", detail)
             self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail))
-            await asyncio.sleep(RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)])
+            crashes = 0 if time.monotonic() - started > SERVED_FOR_S else crashes + 1
+            if crashes:  # the host's llama-server waits for this one: no pause after a death out of the blue
+                await asyncio.sleep(RESTART_BACKOFF_S[min(crashes - 1, len(RESTART_BACKOFF_S) - 1)])
             restarts += 1
 
     # --- llama-server --------------------------------------------------------------------------
@@ -144,6 +150,10 @@ class Runnerd:
 
     def on_mesh(self, state: MeshState) -> None:
         self.rtt_ms = {p.announcement.node_id: p.rtt_ms for p in state.peers}
+        rpc_ready = {p.announcement.node_id for p in state.peers if p.connected and p.announcement.rpc_ready}
+        if any(m.node_id in rpc_ready - self.rpc_ready for m in self.plan.members):
+            self._plan_changed.set()  # a worker's rpc-server is back: a start that backs off may go now
+        self.rpc_ready = rpc_ready
         if state.node_id and state.node_id != self.node_id:
             self.node_id = state.node_id
             self.update(node_id=state.node_id)
@@ -232,7 +242,8 @@ class Runnerd:
                 restarts = 1  # it was serving: its death is news (a peer went away), not a crash loop
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
-                await self.back_off(restarts)
+                if time.monotonic() - self.llama_ready_at < SERVED_FOR_S:
+                    await self.back_off(restarts)  # else start again at once (a worker still coming back wakes us)
             else:
                 died.cancel()
 
@@ -274,6 +285,7 @@ class Runnerd:
                         llama_plan_key="")
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
+        self.llama_ready_at = time.monotonic()
         weights = weight_loads(self.llama.log_text(log_start), self.gateway.rpc_forwards)
         for w in weights:
             if w.misses:
