@@ -143,7 +143,11 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
                 available_bytes=available, key=plan_key(host.node_id, members), reason=reason)
 
 
-def host_gone(plan: Plan, me: str, connected: set[str]) -> bool:
-    """The plan's host is another node we no longer hold a link to: nobody serves this plan for us any
-    more, so a new plan need not wait for membership to settle (that wait only adds to the outage)."""
-    return plan.state in ("solo", "split") and bool(plan.host) and plan.host != me and plan.host not in connected
+def member_gone(plan: Plan, me: str, connected: set[str]) -> bool:
+    """A node the serving plan needs (its host, a worker of its split) is no longer linked to us. That
+    plan is broken already (gatewayd closes the tunnels of a lost member at once, and without them
+    llama-server stops), so a new plan need not wait for membership to settle: it only adds to the outage."""
+    if plan.state not in ("solo", "split"):
+        return False
+    needed = {plan.host} | {m.node_id for m in plan.members}
+    return any(n and n != me and n not in connected for n in needed)

@@ -2,7 +2,8 @@
 
 The decision itself is `election.make_plan`; this loop feeds it and holds a changed plan back
 until membership has been stable for `settle_delay`, so a burst of joins restarts llama-server once;
-when the plan's host itself is gone there is nothing to keep serving, and the new plan goes out at once.
+when a node the serving plan needs is gone there is nothing left to keep serving, and the new plan
+goes out at once.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from common.logs import setup_logging
 from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
-from services.electd.election import Candidate, host_gone, make_plan
+from services.electd.election import Candidate, make_plan, member_gone
 
 log = logging.getLogger("electd")
 
@@ -79,15 +80,15 @@ class Electd:
             await asyncio.sleep(0.1)
             self.reconsider()
             if self._pending and (time.monotonic() - self._pending_since >= self.settings.settle_delay
-                                  or self.host_gone()):
+                                  or self.member_gone()):
                 if (self._pending.state, self._pending.key) != (self.plan.state, self.plan.key):
                     log.info("plan: %s — %s", self._pending.state, self._pending.reason)
                 self.plan, self._pending = self._pending, None
                 self.bus.state_changed()
 
-    def host_gone(self) -> bool:
+    def member_gone(self) -> bool:
         connected = {p.announcement.node_id for p in self.mesh.peers if p.connected} if self.mesh else set()
-        return host_gone(self.plan, self.mesh.node_id if self.mesh else "", connected)
+        return member_gone(self.plan, self.mesh.node_id if self.mesh else "", connected)
 
     def on_status(self, _: StatusRequest) -> Reply:
         return Reply(ok=True, data=self.plan.model_dump())

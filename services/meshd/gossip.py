@@ -160,6 +160,13 @@ def redial_delay(failures: int, heard_ago: float | None) -> float:
     return delay
 
 
+def redials_in_flight(heard_ago: float | None) -> int:
+    """How many dials to a lost member may be under way at once. A dial sent while the path is down
+    waits out its whole timeout (5 s) even if the path heals meanwhile, so for a recent member a new
+    one starts every RECENT_REDIAL_S regardless."""
+    return 3 if heard_ago is not None and heard_ago < RECENT_MEMBER_S else 1
+
+
 FORGET_AFTER_FAILED_DIALS = 15  # about 4 minutes of the full back-off...
 FORGET_KNOWN_AFTER_S = 300.0    # ...and not heard for 5 minutes: gone for good (or moved), stop dialing it
 

@@ -32,7 +32,7 @@ from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
 from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
-                                   give_up_redialing, redial_delay, rotation_verdict, sign_announcement, sign_rotation)
+                                   give_up_redialing, redial_delay, redials_in_flight, rotation_verdict, sign_announcement, sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
                                   punch_forever, relay_candidates, stun_errors)
@@ -279,7 +279,7 @@ class Meshd:
 
     async def connect_forever(self) -> None:
         """Keep a direct connection to every node we know of (from gossip or from before a restart)."""
-        dialing: dict[str, asyncio.Task] = {}
+        dialing: dict[str, list[asyncio.Task]] = {}
         while True:
             await asyncio.sleep(0.5)  # redials of recent members are due every RECENT_REDIAL_S
             self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time(), self.gossip_memory)
@@ -290,7 +290,10 @@ class Meshd:
             for node_id, addrs in targets.items():
                 if node_id == self.me_id or node_id in self.links or not addrs:
                     continue
-                if node_id in dialing and not dialing[node_id].done():
+                in_flight = [t for t in dialing.get(node_id, []) if not t.done()]
+                heard = self.last_heard.get(node_id)
+                overlap = redials_in_flight(time.time() - heard if heard is not None else None)
+                if len(in_flight) >= overlap:
                     continue
                 failures, next_try = self.dial_failures.get(node_id, (0, 0.0))
                 if now < next_try:
@@ -299,7 +302,9 @@ class Meshd:
                 if failures == 0 and node_id < self.me_id and node_id in self.view:
                     self.dial_failures[node_id] = (1, now + 3.0)
                     continue
-                dialing[node_id] = asyncio.ensure_future(self.redial(node_id, list(addrs), failures))
+                if overlap > 1:  # a dial sent while the path was down waits out its timeout: start another meanwhile
+                    self.dial_failures[node_id] = (failures, now + redial_delay(failures, 0.0))
+                dialing[node_id] = in_flight + [asyncio.ensure_future(self.redial(node_id, list(addrs), failures))]
 
     def unconnected_addrs(self) -> list[list]:
         """Candidates of the members we know of and hold no direct connection to (for hole punching)."""

@@ -1,5 +1,5 @@
 from common.messages import Plan
-from services.electd.election import Candidate, elect_host, host_gone, make_plan, split_by_memory
+from services.electd.election import Candidate, elect_host, make_plan, member_gone, split_by_memory
 
 GB = 1 << 30
 FP = "f" * 32
@@ -114,11 +114,13 @@ def test_a_serving_member_is_kept_until_well_past_the_bound():
     assert gone.state == "solo"
 
 
-def test_a_plan_whose_host_is_gone_does_not_wait_to_settle():
+def test_a_plan_that_lost_a_member_does_not_wait_to_settle():
     a, b = node("a", 8), node("b", 4)
     split = make_plan(a, [b], 6 * GB, force_split=True)
     assert split.host == a.node_id
-    assert host_gone(split, b.node_id, connected=set())  # the worker lost its host: re-plan at once
-    assert not host_gone(split, b.node_id, connected={a.node_id})
-    assert not host_gone(split, a.node_id, connected=set())  # the host lost a worker: settle as usual
-    assert not host_gone(Plan(state="waiting", host=a.node_id), b.node_id, connected=set())
+    assert member_gone(split, b.node_id, connected=set())  # the worker lost its host: re-plan at once
+    assert member_gone(split, a.node_id, connected=set())  # the host lost its worker (and the tunnel to it)
+    assert not member_gone(split, b.node_id, connected={a.node_id})
+    assert not member_gone(split, a.node_id, connected={b.node_id, "c" * 32})  # a join settles as usual
+    assert not member_gone(make_plan(a, [], 6 * GB), a.node_id, connected=set())
+    assert not member_gone(Plan(state="waiting", host=a.node_id), b.node_id, connected=set())

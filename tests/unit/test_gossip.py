@@ -11,7 +11,7 @@ from common.messages import Announcement
 from common.tokens import new_secret
 from services.meshd.gossip import (DIAL_BACKOFF_S, FORGET_AFTER_S, GossipMemory, announcement_fault, forget_stale,
                                    give_up_redialing, grown_silence, heartbeat_interval, merge_view, redial_delay,
-                                   rotation_verdict, sign_announcement, sign_rotation)
+                                   redials_in_flight, rotation_verdict, sign_announcement, sign_rotation)
 
 MESH = "0123456789abcdef"
 
@@ -132,6 +132,8 @@ def test_a_member_heard_lately_is_redialled_every_two_seconds_and_a_long_dead_on
     assert [redial_delay(f, 5.0) for f in range(8)] == [1, 2, 2, 2, 2, 2, 2, 2]
     assert [redial_delay(f, 600.0) for f in range(6)] == list(DIAL_BACKOFF_S) + [20]
     assert redial_delay(10, None) == 20  # known from before a restart, never heard since
+    # A dial sent into a dead path waits out its timeout; for a recent member others start meanwhile.
+    assert redials_in_flight(5.0) == 3 and redials_in_flight(600.0) == 1 and redials_in_flight(None) == 1
     # Fast redials pile up failures: a long partition must not forget the other side.
     assert not give_up_redialing(40, 59.0) and not give_up_redialing(40, 299.0)
     assert give_up_redialing(15, 301.0) and give_up_redialing(15, None) and not give_up_redialing(14, None)
