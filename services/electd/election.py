@@ -151,3 +151,13 @@ def member_gone(plan: Plan, me: str, connected: set[str]) -> bool:
         return False
     needed = {plan.host} | {m.node_id for m in plan.members}
     return any(n and n != me and n not in connected for n in needed)
+
+
+RPC_RESTART_GRACE_S = 5.0
+
+
+def rpc_counts_ready(rpc_ready: bool, serving: bool, ready_ago: float) -> bool:
+    """A worker of the serving split whose rpc-server was ready RPC_RESTART_GRACE_S ago keeps its place:
+    runnerd restarts a dead rpc-server at once, and re-planning around it meanwhile would restart
+    the host's llama-server twice (solo, then the split again) instead of once."""
+    return rpc_ready or (serving and ready_ago < RPC_RESTART_GRACE_S)

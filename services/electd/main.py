@@ -17,7 +17,7 @@ from common.logs import setup_logging
 from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
-from services.electd.election import Candidate, make_plan, member_gone
+from services.electd.election import Candidate, make_plan, member_gone, rpc_counts_ready
 
 log = logging.getLogger("electd")
 
@@ -30,6 +30,7 @@ class Electd:
         self.runner: RunnerState | None = None
         self.plan = Plan(state="starting", reason="waiting for runnerd and meshd")
         self._pending: Plan | None = None
+        self.rpc_ready_at: dict[str, float] = {}  # peer -> when its rpc-server was last announced ready
         self._pending_since = 0.0
 
     def current_state(self) -> Plan:
@@ -52,10 +53,14 @@ class Electd:
         if model is None:
             return Plan(state="no-model", reason=self.runner.error or self.runner.status or "no model loaded yet")
         me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint)
-        peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
-                           p.announcement.role, p.announcement.rpc_ready, p.rtt_ms)
-                 for p in self.mesh.peers if p.connected]
         serving = frozenset(m.node_id for m in self.plan.members) if self.plan.state == "split" else frozenset()
+        now = time.monotonic()
+        self.rpc_ready_at.update({p.announcement.node_id: now for p in self.mesh.peers if p.announcement.rpc_ready})
+        peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
+                           p.announcement.role, rpc_counts_ready(p.announcement.rpc_ready, p.announcement.node_id in serving,
+                                                                 now - self.rpc_ready_at.get(p.announcement.node_id, -1e9)),
+                           p.rtt_ms)
+                 for p in self.mesh.peers if p.connected]
         return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,
                          force_split=self.settings.split, tensor_split=self.settings.tensor_split,
                          max_rtt_ms=self.settings.max_rtt_ms or None, current=serving)

@@ -221,6 +221,9 @@ class Gatewayd:
         else:
             self.upstream.set(None, "")
         await self.close_unwanted(wanted)
+        # Only the plan's host over a live link may use our rpc-server (policy.rpc_refusal), then as when it opened.
+        if dropped := self.tunnels.drop_served("rpc", lambda node_id: node_id == self.plan.host and self.peer(node_id)):
+            log.info("closed %d rpc tunnel(s) from a node that is no longer our live host", dropped)
         upstream = "local" if local else self.upstream.label
         if rpc_forwards != self.state.rpc_forwards or upstream != self.state.upstream:
             self.state = self.state.model_copy(update={"rpc_forwards": rpc_forwards, "upstream": upstream})

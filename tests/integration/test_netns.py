@@ -3,6 +3,7 @@ range): mesh and tunnel traffic cross a real non-loopback path. The worker's TCP
 advertised through a delaying relay (this kernel has no netem), so the split runs with 10 ms RTT."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,8 @@ def test_partition_and_heal(namespaces, tmp_path):
                    what="an answer to a request sent after the cut")
         record_recovery("partition: each side serves alone", loop.outcomes(), cut_at, alone_s)
         assert _try_chat(b), "the worker's side serves on its own"
+        # MESH_PARTITION_SECONDS holds the cut longer: the redial back-off grows with it (20 s at most).
+        time.sleep(max(0.0, cut_at + float(os.environ.get("MESH_PARTITION_SECONDS", "0")) - time.time()))
 
         healed_at = time.time()
         sh("ip", "-n", namespaces.a, "link", "set", namespaces.dev_a, "up")
