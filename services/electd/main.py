@@ -55,12 +55,13 @@ class Electd:
         me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint)
         serving = frozenset(m.node_id for m in self.plan.members) if self.plan.state == "split" else frozenset()
         now = time.monotonic()
-        self.rpc_ready_at.update({p.announcement.node_id: now for p in self.mesh.peers if p.announcement.rpc_ready})
-        peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
-                           p.announcement.role, rpc_counts_ready(p.announcement.rpc_ready, p.announcement.node_id in serving,
-                                                                 now - self.rpc_ready_at.get(p.announcement.node_id, -1e9)),
-                           p.rtt_ms)
-                 for p in self.mesh.peers if p.connected]
+        peers = []
+        for p in (p for p in self.mesh.peers if p.connected):
+            a = p.announcement
+            if a.rpc_ready:
+                self.rpc_ready_at[a.node_id] = now
+            rpc_ready = rpc_counts_ready(a.rpc_ready, a.node_id in serving, now - self.rpc_ready_at.get(a.node_id, -1e9))
+            peers.append(Candidate(a.node_id, a.memory_bytes, a.model_fingerprint, a.role, rpc_ready, p.rtt_ms))
         return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,
                          force_split=self.settings.split, tensor_split=self.settings.tensor_split,
                          max_rtt_ms=self.settings.max_rtt_ms or None, current=serving)

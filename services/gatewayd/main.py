@@ -116,7 +116,8 @@ class Gatewayd:
 
     async def allow_tunnel(self, dialer: str, kind: str) -> str | None:
         """RPC only from the host of our plan over a live link; HTTP from any member (it reaches the API only).
-        The host may have settled on the plan a moment before us: wait a little for ours to agree."""
+        The host may have settled on the plan a moment before us: wait a little for ours to agree (and for
+        our rpc-server to be known)."""
         if kind == "http":
             return None
         if kind != "rpc":
@@ -124,7 +125,8 @@ class Gatewayd:
         deadline = asyncio.get_running_loop().time() + RPC_PLAN_WAIT_S
         while True:
             reason = rpc_refusal(kind, self.plan, self.mesh.node_id, dialer, connected=self.peer(dialer) is not None)
-            if reason is None or asyncio.get_running_loop().time() >= deadline:
+            # A gatewayd that just restarted hears where runnerd's rpc-server is within a second: wait for that too.
+            if (reason is None and self.local_target("rpc")) or asyncio.get_running_loop().time() >= deadline:
                 return reason
             await asyncio.sleep(0.1)
 

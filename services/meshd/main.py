@@ -31,8 +31,9 @@ from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
-from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
-                                   give_up_redialing, redial_delay, redials_in_flight, rotation_verdict, sign_announcement, sign_rotation)
+from services.meshd.gossip import (GossipMemory, forget_stale, give_up_redialing, grown_silence, heartbeat_interval,
+                                   merge_view, redial_delay, redials_in_flight, rotation_verdict, sign_announcement,
+                                   sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
                                   punch_forever, relay_candidates, stun_errors)

@@ -47,7 +47,8 @@ class Child:
             out.write(f"\n=== starting: {' '.join(self.args)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True, preexec_fn=_die_with_parent, env=os.environ | NO_BACKTRACE,
+                                         start_new_session=True, preexec_fn=_die_with_parent,
+                                         env=os.environ | NO_BACKTRACE,
                                          # keep Python's SIGPIPE=ignore: a client that hangs up mid-reply
                                          # must be an error on that socket, not kill ggml-rpc-server
                                          restore_signals=False)

@@ -34,7 +34,8 @@ from services.runnerd.speculation import SpeculationChoice, choose_speculation, 
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
-LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
+LLAMA_STOP_GRACE_S = 0.3  # llama-server keeps nothing worth a slow shutdown (one waiting on a lost worker may
+# not exit on SIGTERM at all), and a replacement is waiting
 LOAD_STALL_S = 120  # llama-server prints load progress; this long without a line means it is stuck
 METRICS_EVERY_S = 5.0  # how often the draft acceptance is read from llama-server's /metrics
 SERVED_FOR_S = 30.0  # a child that died after serving this long is restarted at once: its death is news, not a crash loop
