@@ -263,6 +263,9 @@ def render_status(status: dict) -> str:
                          f"{p['status']}{'; ' + why if why else ''}")
     for err in mesh.get("errors", []):
         lines.append(f"mesh error: {err}")
+    if dropped := {k: v for k, v in (mesh.get("gossip_dropped") or {}).items() if v}:
+        lines.append("gossip dropped (not believed): " + ", ".join(f"{n} {kind.replace('_', ' ')}"
+                                                                   for kind, n in sorted(dropped.items())))
     return "\n".join(lines)
 
 

@@ -145,3 +145,23 @@ def make_plan(me: Candidate | None, peers: list[Candidate], model_size: int, *, 
                for c, r in zip(ordered, ratios)]
     return Plan(state="split", host=host.node_id, members=members, excluded=excluded, needed_bytes=needed,
                 available_bytes=available, key=plan_key(host.node_id, members), reason=reason)
+
+
+def member_gone(plan: Plan, me: str, connected: set[str]) -> bool:
+    """A node the serving plan needs (its host, a worker of its split) is no longer linked to us. That
+    plan is broken already (gatewayd closes the tunnels of a lost member at once, and without them
+    llama-server stops), so a new plan need not wait for membership to settle: it only adds to the outage."""
+    if plan.state not in ("solo", "split"):
+        return False
+    needed = {plan.host} | {m.node_id for m in plan.members}
+    return any(n and n != me and n not in connected for n in needed)
+
+
+RPC_RESTART_GRACE_S = 5.0
+
+
+def rpc_counts_ready(rpc_ready: bool, serving: bool, ready_ago: float) -> bool:
+    """A worker of the serving split whose rpc-server was ready RPC_RESTART_GRACE_S ago keeps its place:
+    runnerd restarts a dead rpc-server at once, and re-planning around it meanwhile would restart
+    the host's llama-server twice (solo, then the split again) instead of once."""
+    return rpc_ready or (serving and ready_ago < RPC_RESTART_GRACE_S)

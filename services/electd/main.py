@@ -1,7 +1,9 @@
 """electd: turns what meshd and runnerd know into the plan (host, members, split).
 
 The decision itself is `election.make_plan`; this loop feeds it and holds a changed plan back
-until membership has been stable for `settle_delay`, so a burst of joins restarts llama-server once.
+until membership has been stable for `settle_delay`, so a burst of joins restarts llama-server once;
+when a node the serving plan needs is gone there is nothing left to keep serving, and the new plan
+goes out at once.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from common.logs import setup_logging
 from common.messages import MeshState, Plan, Reply, RunnerState, StatusRequest
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
-from services.electd.election import Candidate, make_plan
+from services.electd.election import Candidate, make_plan, member_gone, rpc_counts_ready
 
 log = logging.getLogger("electd")
 
@@ -28,6 +30,7 @@ class Electd:
         self.runner: RunnerState | None = None
         self.plan = Plan(state="starting", reason="waiting for runnerd and meshd")
         self._pending: Plan | None = None
+        self.rpc_ready_at: dict[str, float] = {}  # peer -> when its rpc-server was last announced ready
         self._pending_since = 0.0
 
     def current_state(self) -> Plan:
@@ -51,10 +54,16 @@ class Electd:
             return Plan(state="no-model", reason=self.runner.error or self.runner.status or "no model loaded yet")
         me = Candidate(self.mesh.node_id, self.runner.memory_bytes, model.fingerprint,
                        devices=tuple(self.runner.device_memory))
-        peers = [Candidate(p.announcement.node_id, p.announcement.memory_bytes, p.announcement.model_fingerprint,
-                           p.announcement.role, p.announcement.rpc_ready, p.rtt_ms, tuple(p.announcement.device_memory))
-                 for p in self.mesh.peers if p.connected]
         serving = frozenset(m.node_id for m in self.plan.members) if self.plan.state == "split" else frozenset()
+        now = time.monotonic()
+        peers = []
+        for p in (p for p in self.mesh.peers if p.connected):
+            a = p.announcement
+            if a.rpc_ready:
+                self.rpc_ready_at[a.node_id] = now
+            rpc_ready = rpc_counts_ready(a.rpc_ready, a.node_id in serving, now - self.rpc_ready_at.get(a.node_id, -1e9))
+            peers.append(Candidate(a.node_id, a.memory_bytes, a.model_fingerprint, a.role, rpc_ready, p.rtt_ms,
+                                   tuple(a.device_memory)))
         return make_plan(me, peers, model.size_bytes, margin=self.settings.memory_margin,
                          force_split=self.settings.split, tensor_split=self.settings.tensor_split,
                          max_rtt_ms=self.settings.max_rtt_ms or None, current=serving)
@@ -78,11 +87,16 @@ class Electd:
         while True:
             await asyncio.sleep(0.1)
             self.reconsider()
-            if self._pending and time.monotonic() - self._pending_since >= self.settings.settle_delay:
+            if self._pending and (time.monotonic() - self._pending_since >= self.settings.settle_delay
+                                  or self.member_gone()):
                 if (self._pending.state, self._pending.key) != (self.plan.state, self.plan.key):
                     log.info("plan: %s — %s", self._pending.state, self._pending.reason)
                 self.plan, self._pending = self._pending, None
                 self.bus.state_changed()
+
+    def member_gone(self) -> bool:
+        connected = {p.announcement.node_id for p in self.mesh.peers if p.connected} if self.mesh else set()
+        return member_gone(self.plan, self.mesh.node_id if self.mesh else "", connected)
 
     def on_status(self, _: StatusRequest) -> Reply:
         return Reply(ok=True, data=self.plan.model_dump())

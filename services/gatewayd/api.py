@@ -67,6 +67,13 @@ class Upstream:
                 return None
         return self.port
 
+    async def changed(self, timeout: float) -> None:
+        """Return when the upstream changes (a new host to try at once) or after `timeout` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
 
 def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
               status: Callable[[], dict] | None, metrics: Callable[[], str] | None, counters: dict[str, int]) -> FastAPI:
@@ -115,7 +122,7 @@ def build_app(upstream: Upstream, *, wait_for_host: float, api_key: str | None,
                     counters["failed"] += 1
                     return openai_error(503, f"the host did not answer: {exc}", "service_unavailable", "host_unreachable",
                                         retry=for_members)
-                await asyncio.sleep(0.5)
+                await upstream.changed(0.5)
             except httpx.HTTPError as exc:
                 counters["failed"] += 1
                 return openai_error(502, f"the host failed: {type(exc).__name__}; try again", "server_error", "host_failed")

@@ -117,7 +117,8 @@ class Gatewayd:
 
     async def allow_tunnel(self, dialer: str, kind: str) -> str | None:
         """RPC only from the host of our plan over a live link; HTTP from any member (it reaches the API only).
-        The host may have settled on the plan a moment before us: wait a little for ours to agree."""
+        The host may have settled on the plan a moment before us: wait a little for ours to agree (and for
+        our rpc-server to be known)."""
         if kind == "http":
             return None
         if kind != "rpc":
@@ -125,7 +126,8 @@ class Gatewayd:
         deadline = asyncio.get_running_loop().time() + RPC_PLAN_WAIT_S
         while True:
             reason = rpc_refusal(kind, self.plan, self.mesh.node_id, dialer, connected=self.peer(dialer) is not None)
-            if reason is None or asyncio.get_running_loop().time() >= deadline:
+            # A gatewayd that just restarted hears where runnerd's rpc-server is within a second: wait for that too.
+            if (reason is None and self.local_target("rpc")) or asyncio.get_running_loop().time() >= deadline:
                 return reason
             await asyncio.sleep(0.1)
 
@@ -222,6 +224,9 @@ class Gatewayd:
         else:
             self.upstream.set(None, "")
         await self.close_unwanted(wanted)
+        # Only the plan's host over a live link may use our rpc-server (policy.rpc_refusal), then as when it opened.
+        if dropped := self.tunnels.drop_served("rpc", lambda node_id: node_id == self.plan.host and self.peer(node_id)):
+            log.info("closed %d rpc tunnel(s) from a node that is no longer our live host", dropped)
         upstream = "local" if local else self.upstream.label
         if rpc_forwards != self.state.rpc_forwards or upstream != self.state.upstream:
             self.state = self.state.model_copy(update={"rpc_forwards": rpc_forwards, "upstream": upstream})

@@ -339,6 +339,7 @@ class _Splice:
         self.peer_id = peer_id
         self.stats = stats
         self.forward_port = forward_port
+        self.kind = ""  # of a tunnel a peer opened to us: what it reaches here
         self.local_sock: socket.socket | None = None  # the local connection until a lane takes it
         self.local: asyncio.Transport | None = None
         self.remote: asyncio.Transport | None = None
@@ -648,6 +649,15 @@ class TunnelService:
         for splice in [s for s in self._splices if s.forward_port == port]:
             splice.close(abort=True)
 
+    def drop_served(self, kind: str, keep: Callable[[str], bool]) -> int:
+        """Close the `kind` tunnels peers opened to us whose dialer `keep` refuses now. A tunnel whose path
+        died stays open otherwise (nothing is in flight to notice), and a ggml-rpc-server serves one client
+        at a time: after a heal, the host's new llama-server would wait behind the stale one."""
+        stale = [s for s in self._splices if s.forward_port is None and s.kind == kind and not keep(s.peer_id)]
+        for splice in stale:
+            splice.close(abort=True)
+        return len(stale)
+
     async def _connect_splice(self, splice: _Splice, peer: PeerDataAddrs, kind: str) -> None:
         try:
             await self._open_tunnel(splice, peer, kind)
@@ -889,6 +899,7 @@ class TunnelService:
             return None
         stats = self._peer_stats(dialer_id)
         splice = _Splice(self, dialer_id, stats, None)
+        splice.kind = header["kind"]  # type: ignore[index]
         self._splices.add(splice)
         try:
             splice.local_sock = await _connect_local(target, TARGET_CONNECT_TIMEOUT)  # type: ignore[arg-type]
@@ -941,6 +952,7 @@ class TunnelService:
             return
         stats = self._peer_stats(dialer_id)
         splice = _Splice(self, dialer_id, stats, None)
+        splice.kind = header["kind"]  # type: ignore[index]
         self._splices.add(splice)
         try:
             await self._connect_target(splice, target)  # type: ignore[arg-type]

@@ -145,6 +145,38 @@ def heartbeat_interval(liveness_timeout: float) -> float:
     return min(max(liveness_timeout / 6.0, 0.1), 1.0)
 
 
+DIAL_BACKOFF_S = (1, 2, 5, 10, 20)
+RECENT_MEMBER_S = 60.0  # a member heard this recently is probably just behind a blip (a partition, a restart)...
+RECENT_REDIAL_S = 2.0   # ...so it is redialled this often instead of backing off to DIAL_BACKOFF_S's 20 s
+
+
+def redial_delay(failures: int, heard_ago: float | None) -> float:
+    """Seconds before the next dial after `failures` failed ones, for a member last heard `heard_ago`
+    seconds ago (None: never). A heal is noticed within about RECENT_REDIAL_S; long-dead members
+    keep the long back-off."""
+    delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
+    if heard_ago is not None and heard_ago < RECENT_MEMBER_S:
+        return min(delay, RECENT_REDIAL_S)
+    return delay
+
+
+def redials_in_flight(heard_ago: float | None) -> int:
+    """How many dials to a lost member may be under way at once. A dial sent while the path is down
+    waits out its whole timeout (5 s) even if the path heals meanwhile, so for a recent member a new
+    one starts every RECENT_REDIAL_S regardless."""
+    return 3 if heard_ago is not None and heard_ago < RECENT_MEMBER_S else 1
+
+
+FORGET_AFTER_FAILED_DIALS = 15  # about 4 minutes of the full back-off...
+FORGET_KNOWN_AFTER_S = 300.0    # ...and not heard for 5 minutes: gone for good (or moved), stop dialing it
+
+
+def give_up_redialing(failures: int, heard_ago: float | None) -> bool:
+    """Whether a known member that keeps failing dials should be forgotten. Time counts as well as
+    failures: redials of recent members come fast, and a long partition must not forget the other side."""
+    return failures >= FORGET_AFTER_FAILED_DIALS and (heard_ago is None or heard_ago > FORGET_KNOWN_AFTER_S)
+
+
 def grown_silence(silent_for: float, elapsed: float, interval: float) -> float:
     """A link's silence after a heartbeat tick `elapsed` seconds after the last one. A tick that comes
     late because this process was starved counts as at most two intervals: the peer's frames may be

@@ -32,8 +32,9 @@ from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
                            new_mesh_id, new_secret)
-from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, heartbeat_interval, merge_view,
-                                   rotation_verdict, sign_announcement, sign_rotation)
+from services.meshd.gossip import (GossipMemory, forget_stale, give_up_redialing, grown_silence, heartbeat_interval,
+                                   merge_view, redial_delay, redials_in_flight, rotation_verdict, sign_announcement,
+                                   sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
                                   punch_forever, relay_candidates, stun_errors)
@@ -41,9 +42,7 @@ from services.meshd.reach import (announcement_fields, migrate_relayed, my_candi
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
 GOSSIP_INTERVAL_S = 1.0
-DIAL_BACKOFF_S = (1, 2, 5, 10, 20)
 MAX_GOSSIP_FRAME = 1 << 20
-FORGET_AFTER_FAILED_DIALS = 15  # about 5 minutes of backoff
 SETTLE_AFTER_START_S = 5.0  # longest a restarted meshd reports "not settled" while it redials known members
 
 try:
@@ -100,6 +99,7 @@ class Meshd:
         self._signed_for = ""  # the mesh id _my_announcement is signed for
         self.started = time.monotonic()
         self._settled = False
+        self._announce_now = asyncio.Event()
 
     # --- persistent mesh secret --------------------------------------------------------------------
 
@@ -250,7 +250,12 @@ class Meshd:
 
     async def gossip_forever(self) -> None:
         while True:
-            await asyncio.sleep(GOSSIP_INTERVAL_S)
+            try:  # a change of our own announcement (llama-server ready, say) goes out at once: peers re-route on it
+                await asyncio.wait_for(self._announce_now.wait(), GOSSIP_INTERVAL_S)
+                await asyncio.sleep(0.05)  # coalesce a burst of changes
+            except asyncio.TimeoutError:
+                pass
+            self._announce_now.clear()
             for links in list(self.links.values()):
                 for link in list(links):
                     try:
@@ -282,9 +287,9 @@ class Meshd:
 
     async def connect_forever(self) -> None:
         """Keep a direct connection to every node we know of (from gossip or from before a restart)."""
-        dialing: dict[str, asyncio.Task] = {}
+        dialing: dict[str, list[asyncio.Task]] = {}
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(0.5)  # redials of recent members are due every RECENT_REDIAL_S
             self.view = forget_stale(self.view, self.last_heard, set(self.links), time.time(), self.gossip_memory)
             targets = {nid: a.mesh_addrs for nid, a in self.view.items()}
             for nid, addrs in self.secret.known.items():
@@ -293,7 +298,10 @@ class Meshd:
             for node_id, addrs in targets.items():
                 if node_id == self.me_id or node_id in self.links or not addrs:
                     continue
-                if node_id in dialing and not dialing[node_id].done():
+                in_flight = [t for t in dialing.get(node_id, []) if not t.done()]
+                heard = self.last_heard.get(node_id)
+                overlap = redials_in_flight(time.time() - heard if heard is not None else None)
+                if len(in_flight) >= overlap:
                     continue
                 failures, next_try = self.dial_failures.get(node_id, (0, 0.0))
                 if now < next_try:
@@ -302,7 +310,9 @@ class Meshd:
                 if failures == 0 and node_id < self.me_id and node_id in self.view:
                     self.dial_failures[node_id] = (1, now + 3.0)
                     continue
-                dialing[node_id] = asyncio.ensure_future(self.redial(node_id, list(addrs), failures))
+                if overlap > 1:  # a dial sent while the path was down waits out its timeout: start another meanwhile
+                    self.dial_failures[node_id] = (failures, now + redial_delay(failures, 0.0))
+                dialing[node_id] = in_flight + [asyncio.ensure_future(self.redial(node_id, list(addrs), failures))]
 
     def unconnected_addrs(self) -> list[list]:
         """Candidates of the members we know of and hold no direct connection to (for hole punching)."""
@@ -324,12 +334,14 @@ class Meshd:
             # A member of the mesh we were in when it started: not once we have left (or joined another).
             await self.dial(node_id, addrs, secret, still_wanted=lambda: self.secret.mesh_id == secret.mesh_id)
         except (AuthError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            if failures >= FORGET_AFTER_FAILED_DIALS and node_id not in self.view and node_id in self.secret.known:
+            heard = self.last_heard.get(node_id)
+            heard_ago = time.time() - heard if heard is not None else None
+            if give_up_redialing(failures, heard_ago) and node_id not in self.view and node_id in self.secret.known:
                 del self.secret.known[node_id]  # gone for good (or moved): stop dialing it
                 self.save_secret()
-            delay = DIAL_BACKOFF_S[min(failures, len(DIAL_BACKOFF_S) - 1)]
+            delay = redial_delay(failures, heard_ago)
             self.dial_failures[node_id] = (failures + 1, time.monotonic() + delay)
-            log.info("cannot reach %s: %s (retry in %d s)", node_id[:8], getattr(exc, "reason", exc), delay)
+            log.info("cannot reach %s: %s (retry in %g s)", node_id[:8], getattr(exc, "reason", exc), delay)
         finally:
             self.redials.discard(task)
 
@@ -426,10 +438,16 @@ class Meshd:
 
     def on_runner(self, state: RunnerState) -> None:
         self.runner = state
-        self.bus.state_changed()
+        self.announce_if_changed()
 
     def on_gateway(self, state: GatewayState) -> None:
         self.gateway = state
+        self.announce_if_changed()
+
+    def announce_if_changed(self) -> None:
+        before = self._my_announcement
+        if self.announcement() is not before:
+            self._announce_now.set()
         self.bus.state_changed()
 
     def on_plan(self, plan: Plan) -> None:

@@ -15,6 +15,9 @@ from pathlib import Path
 
 log = logging.getLogger("runnerd")
 PR_SET_PDEATHSIG = 1
+# ggml's abort attaches gdb for a backtrace when gdb is installed: seconds on a loaded machine, all of
+# them outage (llama-server aborts on any RPC error). The abort's own message still reaches the log.
+NO_BACKTRACE = {"GGML_NO_BACKTRACE": "1"}
 
 
 def _die_with_parent() -> None:
@@ -45,7 +48,8 @@ class Child:
             out.write(f"\n=== starting: {' '.join(self.args)}\n".encode())
             out.flush()
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                                         start_new_session=True, preexec_fn=_die_with_parent,
+                                         env=os.environ | NO_BACKTRACE | (self.env or {}),
                                          # keep Python's SIGPIPE=ignore: a client that hangs up mid-reply
                                          # must be an error on that socket, not kill ggml-rpc-server
                                          restore_signals=False)

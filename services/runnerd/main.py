@@ -43,10 +43,12 @@ from services.runnerd.throughput import decode_totals, recent_rate
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
-LLAMA_STOP_GRACE_S = 1.0  # llama-server keeps nothing worth a slow shutdown; a replacement is waiting
+LLAMA_STOP_GRACE_S = 0.3  # llama-server keeps nothing worth a slow shutdown (one waiting on a lost worker may
+# not exit on SIGTERM at all), and a replacement is waiting
 LOAD_STALL_S = 120  # llama-server logs its load progress (patch 0003); this long without a line: stuck
 METRICS_EVERY_S = 5.0  # how often the decode rate and draft acceptance are read from llama-server's /metrics
 DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
+SERVED_FOR_S = 30.0  # a child that died after serving this long is restarted at once: its death is news, not a crash loop
 
 
 class Runnerd:
@@ -61,7 +63,9 @@ class Runnerd:
         self.rpc: Child | None = None
         self.llama: Child | None = None
         self.llama_spec: list[str] | None = None  # the command it runs, with port 0
+        self.llama_ready_at = 0.0
         self.rtt_ms: dict[str, float | None] = {}  # peer node id -> round trip meshd measured
+        self.rpc_ready: set[str] = set()  # connected peers whose rpc-server is ready
         # Chosen once per plan: round trips wobble, and a new choice would restart llama-server.
         self.speculation: tuple[str, SpeculationChoice] | None = None
         self.offer: Offer | None = None  # memory per device, known once the binaries are (they list the devices)
@@ -162,7 +166,7 @@ class Runnerd:
         return self.rpc_port
 
     async def keep_rpc_server(self) -> None:
-        restarts = 0
+        restarts = crashes = 0
         tls = self.rpc_tls()
         if tls:
             tls.allow.touch(mode=0o600)
@@ -175,6 +179,7 @@ class Runnerd:
             self.rpc = Child("ggml-rpc-server", args, addresses.log_path(self.settings.home, "rpc-server"))
             self.update(rpc=ChildState(state="starting", port=port, restarts=restarts))
             self.rpc.start()
+            started = time.monotonic()
             if await _wait_port(port, self.rpc, timeout=30, host=_connectable(host)):
                 announced = advertised_addresses(host, port, self.settings.advertise_rpc) if tls else []
                 self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts),
@@ -183,7 +188,9 @@ class Runnerd:
             detail = f"ggml-rpc-server {self.rpc.exit_description()}: {self.rpc.log_tail(2)}"
             log.warning("%s", detail)
             self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail), rpc_tls=[])
-            await asyncio.sleep(RESTART_BACKOFF_S[min(restarts, len(RESTART_BACKOFF_S) - 1)])
+            crashes = 0 if time.monotonic() - started > SERVED_FOR_S else crashes + 1
+            if crashes:  # the host's llama-server waits for this one: no pause after a death out of the blue
+                await asyncio.sleep(RESTART_BACKOFF_S[min(crashes - 1, len(RESTART_BACKOFF_S) - 1)])
             restarts += 1
 
     # --- llama-server --------------------------------------------------------------------------
@@ -208,6 +215,10 @@ class Runnerd:
         tls_moved = {n: a.rpc_tls for n, a in peers.items()} != {n: a.rpc_tls for n, a in self.peers.items()}
         links_changed = set(peers) != set(self.peers)
         self.peers = peers
+        rpc_ready = {p.announcement.node_id for p in state.peers if p.connected and p.announcement.rpc_ready}
+        if any(m.node_id in rpc_ready - self.rpc_ready for m in self.plan.members):
+            self._plan_changed.set()  # a worker's rpc-server is back: a start that backs off may go now
+        self.rpc_ready = rpc_ready
         if state.node_id and state.node_id != self.node_id:
             self.node_id = state.node_id
             self.update(node_id=state.node_id)
@@ -364,7 +375,8 @@ class Runnerd:
                 self.update(llama=ChildState(state="failed", restarts=restarts, detail=detail), llama_plan_key="")
                 self.llama_spec = None
                 self.recheck_direct_paths()
-                await self.back_off(restarts)
+                if time.monotonic() - self.llama_ready_at < SERVED_FOR_S:
+                    await self.back_off(restarts)  # else start again at once (a worker still coming back wakes us)
             else:
                 died.cancel()
 
@@ -412,6 +424,7 @@ class Runnerd:
                         llama_plan_key="")
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
+        self.llama_ready_at = time.monotonic()
         rpc = spec[spec.index("--rpc") + 1].split(",") if "--rpc" in spec else []
         endpoints = dict(zip([m.node_id for m in self.plan.members if m.node_id != self.node_id], rpc))
         loaded = self.llama.log_text(log_start)

@@ -1,5 +1,6 @@
 from common.messages import Plan
-from services.electd.election import Candidate, elect_host, make_plan, split_by_memory
+from services.electd.election import (Candidate, elect_host, make_plan, member_gone, rpc_counts_ready,
+                                      split_by_memory)
 
 GB = 1 << 30
 FP = "f" * 32
@@ -121,3 +122,22 @@ def test_members_carry_their_devices_and_a_gpu_more_changes_the_plan():
     assert plan.state == "split" and [m.devices for m in plan.members] == [[], [4 * GB, 4 * GB]]
     # the same memory on one device instead of two: --tensor-split changes, so llama-server must restart
     assert make_plan(host, [replace(worker, devices=(8 * GB,))], 12 * GB).key != plan.key
+
+
+def test_a_plan_that_lost_a_member_does_not_wait_to_settle():
+    a, b = node("a", 8), node("b", 4)
+    split = make_plan(a, [b], 6 * GB, force_split=True)
+    assert split.host == a.node_id
+    assert member_gone(split, b.node_id, connected=set())  # the worker lost its host: re-plan at once
+    assert member_gone(split, a.node_id, connected=set())  # the host lost its worker (and the tunnel to it)
+    assert not member_gone(split, b.node_id, connected={a.node_id})
+    assert not member_gone(split, a.node_id, connected={b.node_id, "c" * 32})  # a join settles as usual
+    assert not member_gone(make_plan(a, [], 6 * GB), a.node_id, connected=set())
+    assert not member_gone(Plan(state="waiting", host=a.node_id), b.node_id, connected=set())
+
+
+def test_a_serving_worker_whose_rpc_server_restarts_keeps_its_place_for_a_few_seconds():
+    assert rpc_counts_ready(False, serving=True, ready_ago=1.0)  # restarting: the split stays
+    assert not rpc_counts_ready(False, serving=True, ready_ago=6.0)  # still down: plan without it
+    assert not rpc_counts_ready(False, serving=False, ready_ago=1.0)  # not serving: no place to keep
+    assert rpc_counts_ready(True, serving=False, ready_ago=100.0)

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from common.identity import NodeIdentity
 from common.messages import Announcement
 from common.tokens import new_secret
-from services.meshd.gossip import (FORGET_AFTER_S, GossipMemory, announcement_fault, forget_stale, grown_silence,
-                                   heartbeat_interval, merge_view, rotation_verdict, sign_announcement, sign_rotation)
+from services.meshd.gossip import (DIAL_BACKOFF_S, FORGET_AFTER_S, GossipMemory, announcement_fault, forget_stale,
+                                   give_up_redialing, grown_silence, heartbeat_interval, merge_view, redial_delay,
+                                   redials_in_flight, rotation_verdict, sign_announcement, sign_rotation)
 
 MESH = "0123456789abcdef"
 
@@ -124,6 +125,18 @@ def test_a_starved_process_does_not_count_its_own_stall_as_the_peers_silence():
         silent = grown_silence(silent, interval, interval)
     assert silent == pytest.approx(2.5)
     assert grown_silence(0.0, 30.0, interval) == pytest.approx(1.0)  # a 30 s stall of our own loop
+
+
+def test_a_member_heard_lately_is_redialled_every_two_seconds_and_a_long_dead_one_backs_off():
+    # After a heal the mesh must not sit out a 20 s back-off; a member silent for long keeps it.
+    assert [redial_delay(f, 5.0) for f in range(8)] == [1, 2, 2, 2, 2, 2, 2, 2]
+    assert [redial_delay(f, 600.0) for f in range(6)] == list(DIAL_BACKOFF_S) + [20]
+    assert redial_delay(10, None) == 20  # known from before a restart, never heard since
+    # A dial sent into a dead path waits out its timeout; for a recent member others start meanwhile.
+    assert redials_in_flight(5.0) == 3 and redials_in_flight(600.0) == 1 and redials_in_flight(None) == 1
+    # Fast redials pile up failures: a long partition must not forget the other side.
+    assert not give_up_redialing(40, 59.0) and not give_up_redialing(40, 299.0)
+    assert give_up_redialing(15, 301.0) and give_up_redialing(15, None) and not give_up_redialing(14, None)
 
 
 # --- fuzzing with well-formed lies -----------------------------------------------------------
