@@ -56,8 +56,11 @@ def test_llama_server_puts_each_workers_layers_where_the_plan_says(tmp_path):
         log = (host.home / "logs" / "llama-server.log").read_text(errors="replace")
         found = check(plan, args, forwards, log, runner["model"]["path"], runner["model"]["n_layers"], ids[host])
         print(f"device-order: {found}")
+        # each worker's device is named by its --rpc endpoint: direct TLS pinned to its id (NODEID@host:port)
+        endpoints = flag(args, "--rpc").split(",")
+        assert [e.split("@")[0] for e in endpoints] == [ids[big], ids[small]]
         assert [(d["node"], d["device"]) for d in found["devices"]] == [
-            (ids[big][:8], f"RPC0[127.0.0.1:{forwards[ids[big]]}]"), (ids[small][:8], f"RPC0[127.0.0.1:{forwards[ids[small]]}]")]
+            (ids[big][:8], f"RPC0[{endpoints[0]}]"), (ids[small][:8], f"RPC0[{endpoints[1]}]")]
         n_layers = runner["model"]["n_layers"]
         assert found["host_cpu_layers"] == round(0.5 * n_layers)
         big_layers, small_layers = (d["layers"] for d in found["devices"])
