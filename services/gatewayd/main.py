@@ -33,7 +33,7 @@ from common.nat.turn import relay_states
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.gatewayd.api import Upstream, build_app
-from services.gatewayd.policy import RPC_PLAN_WAIT_S, rpc_refusal
+from common.rpc_policy import RPC_PLAN_WAIT_S, rpc_refusal
 from services.gatewayd.tunnels import PeerDataAddrs, TunnelService
 
 log = logging.getLogger("gatewayd")
@@ -224,7 +224,7 @@ class Gatewayd:
         else:
             self.upstream.set(None, "")
         await self.close_unwanted(wanted)
-        # Only the plan's host over a live link may use our rpc-server (policy.rpc_refusal), then as when it opened.
+        # Only the plan's host over a live link may use our rpc-server (common.rpc_policy), then as when it opened.
         if dropped := self.tunnels.drop_served("rpc", lambda node_id: node_id == self.plan.host and self.peer(node_id)):
             log.info("closed %d rpc tunnel(s) from a node that is no longer our live host", dropped)
         upstream = "local" if local else self.upstream.label

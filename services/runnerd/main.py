@@ -34,7 +34,7 @@ from common.messages import (Announcement, ChildState, DecodeRate, GatewayState,
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
-from services.gatewayd.policy import rpc_allowed
+from common.rpc_policy import rpc_allowed
 from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
 from services.runnerd.memory import Offer, detect_memory
 from services.runnerd.placement import device_placement

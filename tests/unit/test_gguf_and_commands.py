@@ -185,7 +185,7 @@ def test_a_worker_is_dialed_directly_over_tls_where_it_connects_else_through_its
 
 
 def test_only_the_plans_host_over_a_live_link_is_in_a_workers_allow_file():
-    from services.gatewayd.policy import rpc_allowed
+    from common.rpc_policy import rpc_allowed
     worker_plan = Plan(state="split", host="h", members=[PlanMember(node_id="h", memory_bytes=1, ratio=0.5),
                                                          PlanMember(node_id="w", memory_bytes=1, ratio=0.5)])
     assert rpc_allowed(worker_plan, "w", {"h", "c"}) == ["h"]

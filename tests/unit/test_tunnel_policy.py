@@ -1,5 +1,5 @@
 from common.messages import Plan, PlanMember
-from services.gatewayd.policy import rpc_refusal
+from common.rpc_policy import rpc_refusal
 
 HOST, WORKER, CLIENT = "h" * 32, "w" * 32, "c" * 32
 
