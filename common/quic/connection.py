@@ -348,6 +348,8 @@ class QuicPeerConnection:
         self._path_by_addr[self._send_address] = path
         if self.dialed:
             try:
+                # a new path takes a fresh connection id (RFC 9000 9.5)
+                self._quic.change_connection_id()
                 self._quic.send_ping(0)
             except Exception:
                 pass

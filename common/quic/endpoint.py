@@ -34,9 +34,10 @@ from common.identity import NodeIdentity
 from common.quic.auth import Authorize
 from common.quic.connection import LeanQuicConnection as QuicConnection
 from common.quic.connection import QuicPeerConnection
-from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH, CONNECTION_RECEIVE_WINDOW,
-                                LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED, MAX_UNAUTHENTICATED_PER_SOURCE, RECEIVE_BATCH,
-                                SMALLEST_DATAGRAM, STREAM_RECEIVE_WINDOW, datagram_size_for)
+from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH,
+                                CONNECTION_RECEIVE_WINDOW, LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED,
+                                MAX_UNAUTHENTICATED_PER_SOURCE, QH3_SERVER_DATAGRAM, RECEIVE_BATCH, SMALLEST_DATAGRAM,
+                                STREAM_RECEIVE_WINDOW, datagram_size_for)
 from common.quic.paths import (GRO_CMSG_SPACE, DatagramPath, UdpSocketPath, enable_gro, enable_icmp_errors,
                                gro_segment_size, icmp_error_text, open_udp_socket, read_icmp_errors)
 from common.quic.retry import HandshakeSlots, RetryTokens
@@ -181,6 +182,10 @@ class QuicEndpoint:
         size = min(self.max_datagram_size or datagram_size_for(host), LOOPBACK_DATAGRAM)
         if path_limit is not None:
             size = min(size, path_limit)
+        if not is_client:
+            # qh3's server never sends above 1472 bytes, and with a larger setting cannot open a
+            # path to a peer's new address ("path allocation failed": relayed -> direct broke).
+            size = min(size, QH3_SERVER_DATAGRAM)
         config = QuicConfiguration(
             is_client=is_client, alpn_protocols=[self.alpn], idle_timeout=self.idle_timeout,
             max_datagram_size=max(SMALLEST_DATAGRAM, size), connection_id_length=CONNECTION_ID_LENGTH,
@@ -191,6 +196,9 @@ class QuicEndpoint:
         )
         if is_client:
             config.verify_mode = ssl.CERT_NONE  # self-signed: the node id is pinned after the handshake
+            # Spare connection ids from the server, so that a move to another path (relayed ->
+            # direct, use_path) finds one: qh3 opens no path without.
+            config.active_connection_id_limit = 8
         else:
             config.certificate = self._certificate
             config.private_key = self._private_key
@@ -313,7 +321,7 @@ class QuicEndpoint:
             try:
                 connection._after_receive()
             except Exception:
-                log.exception("QUIC connection failed while processing input")
+                log.exception("QUIC connection %r failed while processing input", connection)
                 connection._close(CLOSE_PROTOCOL, "internal error")
 
     def _route_quic(self, data: bytes, addr: tuple, path: DatagramPath, now: float,
