@@ -9,7 +9,7 @@ under test, with the same TLS 1.3 certificate and the libraries' default setting
                 small request, wait, small answer)
     rpc-4k      4 KB request, 4 KB answer, median round trip in us
 
-    .venv/bin/pip install qh3            # not a dependency of the product
+    .venv/bin/pip install aioquic        # the product uses qh3; aioquic is only compared here
     python -m bench.bench_quic_libs      # both libraries; --libs qh3 ; --quick
 
 Writes bench/results/quic-libs.json.

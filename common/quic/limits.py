@@ -9,6 +9,7 @@ SMALLEST_DATAGRAM = 1200
 # datagram as the path allows. Loopback's MTU is 64 KiB; 16 KiB was aioquic's ceiling (2-byte
 # STREAM frame lengths) and stays the loopback size.
 LOOPBACK_DATAGRAM = 16384
+QH3_SERVER_DATAGRAM = 1472   # qh3 2.1's server: its most per datagram (and what it advertises)
 LAN_DATAGRAM = 1452           # 1500-byte Ethernet MTU minus IP/UDP headers, with margin
 STREAM_RECEIVE_WINDOW = 4 << 20   # unconsumed bytes a writer may have outstanding per stream
 STREAM_CREDIT_STEP = 1 << 20      # a reader reports what it consumed every this many bytes

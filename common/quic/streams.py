@@ -159,16 +159,18 @@ class QuicStreamTransport(asyncio.Transport):
         if not self._reading_paused:
             return
         self._reading_paused = False
-        held, self._held = self._held, []
-        for index, data in enumerate(held):
+        if self._held or self._held_eof:
+            # Later, as a socket transport would: StreamReader resumes us and only then waits.
+            self._connection._loop.call_soon(self._deliver_held)
+
+    def _deliver_held(self) -> None:
+        while self._held and not self._reading_paused:
             if self._lost or self._closing:
                 return
+            data = self._held.pop(0)
             self._protocol.data_received(data)  # type: ignore[attr-defined]
             self._count_consumed(len(data))
-            if self._reading_paused:  # paused again: keep the rest
-                self._held[:0] = held[index + 1:]
-                return
-        if self._held_eof:
+        if self._held_eof and not self._held and not self._reading_paused:
             self._held_eof = False
             self._on_data(b"", True)
 
@@ -195,7 +197,7 @@ class QuicStreamTransport(asyncio.Transport):
     def _on_data(self, data: bytes, end_stream: bool) -> None:
         if self._lost or self._closing:
             return
-        if self._reading_paused:
+        if self._reading_paused or self._held:  # held data goes first
             if data:
                 self._held.append(data)
             self._held_eof = self._held_eof or end_stream

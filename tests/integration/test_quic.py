@@ -322,6 +322,33 @@ def test_writer_backpressure_and_receive_window(identities) -> None:
     asyncio.run(main())
 
 
+def test_a_read_larger_than_the_readers_limit_completes(identities) -> None:
+    """readexactly() of more than the StreamReader holds before pausing the stream: the reader
+    resumes the stream, and what was held while paused must still reach it (once, in order)."""
+    a, b, _ = identities
+    payload = os.urandom(3 << 20)
+
+    async def serve(reader, writer):
+        await reader.readexactly(1)
+        writer.write(payload)
+        await writer.drain()
+
+    async def main():
+        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1")
+        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1", on_connection=lambda c: setattr(c, "on_stream", serve))
+        await ea.start()
+        connection = await ea.dial(await eb.start(), expected_node_id=b.node_id)
+        reader, writer = await connection.open_stream()
+        for _ in range(2):
+            writer.write(b"x")
+            await asyncio.sleep(0.2)  # the whole answer arrives while nobody reads
+            assert await asyncio.wait_for(reader.readexactly(len(payload)), 10) == payload
+            reader, writer = await connection.open_stream()
+        await ea.close()
+        await eb.close()
+    asyncio.run(main())
+
+
 def test_stream_reset_and_half_close(identities) -> None:
     a, b, _ = identities
 
