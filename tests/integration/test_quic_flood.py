@@ -183,7 +183,8 @@ def test_a_flood_from_one_source_holds_at_most_its_cap_and_a_member_gets_in_at_o
 @pytest.mark.slow
 def test_a_member_joins_during_a_flood_of_stranger_handshakes(tmp_path):
     """A real node: a flood of silent handshakes from one source (one wave after another, more than
-    the global cap in all) delays a member's `meshctl join` by about a second at most."""
+    the global cap in all) delays a member's `meshctl join` by about a second (seconds at most on a loaded machine), never
+    by the 10 s a stranger may hold a slot."""
     a = Node(tmp_path / "a", extra=["--client", "--bind-host", "127.0.0.1"]).start()
     b = Node(tmp_path / "b", extra=["--client", "--bind-host", "127.0.0.1"]).start()
     c = Node(tmp_path / "c", extra=["--client", "--bind-host", "127.0.0.1"]).start()
@@ -221,7 +222,8 @@ def test_a_member_joins_during_a_flood_of_stranger_handshakes(tmp_path):
         print(f"join: {quiet_s:.2f} s quiet, during a flood {result}")
         assert result["rc"] == 0, result
         assert result["connected"] >= MAX_UNAUTHENTICATED_PER_SOURCE, result  # the flood did get handshakes
-        assert result["s"] < quiet_s + 1.5, (quiet_s, result)
+        # locked out would mean waiting out a stranger's 10 s auth timeout; the margin allows for 2 loaded cores
+        assert result["s"] < quiet_s + 4.0, (quiet_s, result)
         wait_until(lambda: a.status()["meshd"]["node_id"], timeout=30, what="A still answering")
     finally:
         c.stop()
