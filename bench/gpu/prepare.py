@@ -28,7 +28,8 @@ LIMIT = 64 << 20
 # Not in the GPU machine's image (or too old there): the product's dependencies the benchmark imports.
 WHEELS = ["pydantic", "pydantic-core", "pydantic-settings", "annotated-types", "typing-inspection",
           "typing-extensions", "python-dotenv", "gguf", "aioquic", "pylsqpack", "pyopenssl", "service-identity",
-          "cryptography", "cffi", "pycparser", "pyzmq", "httpx", "httpcore", "h11", "anyio", "sniffio", "idna"]
+          "cryptography", "cffi", "pycparser", "pyzmq", "httpx", "httpcore", "h11", "anyio", "sniffio", "idna",
+          "aioice", "dnspython", "ifaddr"]  # the last three: common/nat (the tunnel lane imports it)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux_2_26_x86_64", "manylinux_2_24_x86_64", "manylinux_2_34_x86_64", "manylinux1_x86_64"]
 # Trimmed from the source: nothing a CUDA (or CPU) build of the two targets reads.
