@@ -14,4 +14,5 @@ python3 -m tests.support.random_gguf "$model" --preset 7b
 # What is left of the call's budget (the device tool allows 600 s a command); on its end the bench gets
 # SIGTERM and still writes what it measured.
 left=$(( started + ${RUN_BUDGET_S:-570} - $(date +%s) ))
-timeout --signal=TERM "$left" python3 -m bench.bench_product --models "$model" --out-dir "$OUT" --name product-gpu-h200 ${BENCH_ARGS:---prompts 1 --max-tokens 64 --ignore-eos} 2>&1 | tee "$OUT/product-gpu-h200.log"
+# --bin-dir: this tree is not pip-installed, so common.binaries cannot import build.py as mesh_llama_cpp
+timeout --signal=TERM "$left" python3 -m bench.bench_product --models "$model" --bin-dir "$(python3 llama.cpp/build.py --print)" --out-dir "$OUT" --name product-gpu-h200 ${BENCH_ARGS:---prompts 1 --max-tokens 64 --ignore-eos} 2>&1 | tee "$OUT/product-gpu-h200.log"

@@ -49,6 +49,7 @@ LOAD_STALL_S = 120  # llama-server logs its load progress (patch 0003); this lon
 METRICS_EVERY_S = 5.0  # how often the decode rate and draft acceptance are read from llama-server's /metrics
 DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
 SERVED_FOR_S = 30.0  # a child that died after serving this long is restarted at once: its death is news, not a crash loop
+DIRECT_FAILURES_MAX = 2  # llama-server failures in a row over a worker's direct path before its tunnel is used
 
 
 class Runnerd:
@@ -75,6 +76,7 @@ class Runnerd:
         self.rpc_port: int | None = None  # the TLS rpc-server's port, kept across its restarts
         # (plan key, worker, its announced TLS addresses) -> the one that connected, or None: checked once per plan
         self.direct: dict[tuple[str, str, tuple], tuple[str, int] | None] = {}
+        self.direct_failures: dict[tuple[str, str], int] = {}  # (plan key, worker) -> llama-server failures in a row
         self._check_direct = asyncio.Event()
         self.wanted_paths: dict[str, str] = {}  # worker -> "direct HOST:PORT" | "tunnel", of the last desired spec
 
@@ -247,14 +249,22 @@ class Runnerd:
             results = await asyncio.gather(*(_first_connecting(k[2]) for k in keys))
             self.direct = {k: v for k, v in self.direct.items() if k[0] == self.plan.key}
             for key, found in zip(keys, results):
+                why = f"no answer from {', '.join(f'{h}:{p}' for h, p in key[2])} in {DIRECT_CHECK_S:g} s"
+                if found and self.direct_failures.get(key[:2], 0) >= DIRECT_FAILURES_MAX:
+                    # it connects, yet llama-server failed through it: e.g. another server at that address
+                    found, why = None, f"llama-server failed {DIRECT_FAILURES_MAX} times in a row over the direct path"
                 self.direct[key] = found
-                log.info("rpc path to %s: %s", key[1][:8], f"direct TLS {found[0]}:{found[1]}" if found else
-                         f"tunnel (no answer from {', '.join(f'{h}:{p}' for h, p in key[2])} in {DIRECT_CHECK_S:g} s)")
+                log.info("rpc path to %s: %s", key[1][:8], f"direct TLS {found[0]}:{found[1]}" if found else f"tunnel ({why})")
             if keys:
                 self._plan_changed.set()
 
     def recheck_direct_paths(self) -> None:
-        """llama-server failed: a direct path that connected at the check may not now (the next start re-checks)."""
+        """llama-server failed: a direct path that connected at the check may not now (the next start re-checks);
+        a worker whose direct path failed DIRECT_FAILURES_MAX times in a row in this plan gets the tunnel."""
+        for worker, path in self.state.rpc_paths.items():
+            if path.startswith("direct"):
+                key = (self.plan.key, worker)
+                self.direct_failures[key] = self.direct_failures.get(key, 0) + 1
         self.direct.clear()
         self._check_direct.set()
 
@@ -425,6 +435,7 @@ class Runnerd:
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
         self.llama_ready_at = time.monotonic()
+        self.direct_failures = {k: v for k, v in self.direct_failures.items() if k[0] != self.plan.key}
         rpc = spec[spec.index("--rpc") + 1].split(",") if "--rpc" in spec else []
         endpoints = dict(zip([m.node_id for m in self.plan.members if m.node_id != self.node_id], rpc))
         loaded = self.llama.log_text(log_start)

@@ -8,6 +8,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 
 import pytest
 
@@ -80,6 +81,33 @@ def test_a_worker_whose_address_does_not_connect_is_reached_through_the_tunnel(t
         # TLS end to end: B's rpc-server admitted A's node id through the tunnel too.
         assert f"rpc-tls: accepted node={a.node_id()}" in (b.home / "logs" / "rpc-server.log").read_text(errors="replace")
     finally:
+        b.stop()
+        a.stop()
+
+
+def test_an_address_that_connects_but_is_not_the_worker_ends_on_the_tunnel(tmp_path):
+    """e.g. a wrong port forward: the connect check passes, TLS to the pinned node id does not."""
+    impostor = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        impostor.settimeout(0.5)
+        while not stop.is_set():
+            try:
+                impostor.accept()[0].close()
+            except OSError:
+                pass
+    threading.Thread(target=hang_up, daemon=True).start()
+    a, b = split_host_and_worker(tmp_path, b_flags=["--advertise-rpc", f"127.0.0.1:{impostor.getsockname()[1]}"])
+    try:
+        wait_until(lambda: a.runner().get("llama", {}).get("state") == "ready"
+                   and a.runner()["rpc_paths"].get(b.node_id()) == "tunnel, TLS inside", timeout=180, interval=0.5,
+                   what="A serving over the tunnel after the direct path failed")
+        assert "failed 2 times in a row over the direct path" in (a.home / "logs" / "runnerd.log").read_text()
+        assert a.chat("Name three colours.", max_tokens=8)
+    finally:
+        stop.set()
+        impostor.close()
         b.stop()
         a.stop()
 

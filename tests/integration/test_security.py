@@ -1,5 +1,6 @@
-"""What a running node exposes: llama.cpp and the bus on loopback / owner-only paths, the API on
-localhost unless --listen-all (which needs an API key), secrets owner-only."""
+"""What a running node exposes: llama-server and the bus on loopback / owner-only paths, ggml-rpc-server
+on loopback or behind mutual TLS, the API on localhost unless --listen-all (which needs an API key),
+secrets owner-only."""
 from __future__ import annotations
 
 import json
@@ -20,7 +21,8 @@ def listening_sockets(root_pid: int) -> list[tuple[str, str, int]]:
     """(process name, ip, port) of every listening TCP socket and bound UDP socket in the node's tree."""
     out = []
     for proc in [psutil.Process(root_pid), *psutil.Process(root_pid).children(recursive=True)]:
-        name = " ".join(proc.cmdline()[:2])
+        # the first two words name it; a TLS rpc-server adds its --tls-allow
+        name = " ".join(proc.cmdline()[:2] + [a for a in proc.cmdline() if a == "--tls-allow"])
         for conn in proc.net_connections(kind="inet"):
             if conn.status == psutil.CONN_LISTEN or (conn.type == 2 and not conn.raddr):
                 out.append((name, conn.laddr.ip, conn.laddr.port))
@@ -34,7 +36,9 @@ def test_exposure_of_a_running_node(tmp_path):
         sockets = listening_sockets(node.proc.pid)
         assert sockets
         for name, ip, port in sockets:
-            if "llama-server" in name or "rpc-server" in name:
+            if "rpc-server" in name and "--tls-allow" in name:
+                pass  # beyond loopback with mutual TLS, admitting only its plan's host (test_rpc_tls.py)
+            elif "llama-server" in name or "rpc-server" in name:
                 assert ip == "127.0.0.1", (name, ip, port)
             elif port == node.port:
                 assert ip == "127.0.0.1", "the API must listen on localhost by default"

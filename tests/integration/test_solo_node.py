@@ -93,11 +93,15 @@ def test_bad_requests_get_openai_errors(node):
     assert r.status_code == 413 and "error" in r.json()
 
 
-def test_llama_cpp_listens_on_loopback_only(node):
+def test_llama_cpp_listens_on_loopback_only_or_behind_mutual_tls(node):
     runner = node.runner()
     for child in ("rpc", "llama"):
-        pid = runner[child]["pid"]
-        listening = [c.laddr for c in psutil.Process(pid).net_connections(kind="inet") if c.status == "LISTEN"]
+        proc = psutil.Process(runner[child]["pid"])
+        listening = [c.laddr for c in proc.net_connections(kind="inet") if c.status == "LISTEN"]
+        if child == "rpc" and "--tls-allow" in proc.cmdline():
+            # a worker's rpc-server is for its plan's host, on the bind host: mutual TLS (test_rpc_tls.py)
+            assert listening and runner["rpc_tls"], (child, listening)
+            continue
         assert listening and all(addr.ip == "127.0.0.1" for addr in listening), (child, listening)
 
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 LOOPS = {
     "meshd": ["publish", "receive", "control", "gossip", "heartbeat", "connect"],
     "electd": ["publish", "receive", "control", "settle"],
-    "runnerd": ["publish", "receive", "control", "rpc-server", "llama-server"],
+    "runnerd": ["publish", "receive", "control", "rpc-server", "llama-server", "direct-paths"],
     "gatewayd": ["publish", "receive", "control", "reconcile", "members-api", "api"],
 }
 
