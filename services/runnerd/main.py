@@ -74,6 +74,7 @@ class Runnerd:
         self.peers: dict[str, Announcement] = {}  # connected peers' announcements
         self._rpc_tls: RpcTls | None = None
         self.rpc_port: int | None = None  # the TLS rpc-server's port, kept across its restarts
+        self.rpc_recycled = False  # the rpc-server was stopped on purpose (recycle_rpc_server)
         # (plan key, worker, its announced TLS addresses) -> the one that connected, or None: checked once per plan
         self.direct: dict[tuple[str, str, tuple], tuple[str, int] | None] = {}
         self.direct_failures: dict[tuple[str, str], int] = {}  # (plan key, worker) -> llama-server failures in a row
@@ -151,11 +152,24 @@ class Runnerd:
         tls = self.rpc_tls()
         if tls is None or not self.node_id:
             return
-        text = "".join(f"{n}\n" for n in rpc_allowed(self.plan, self.node_id, set(self.peers)))
-        if not tls.allow.exists() or tls.allow.read_text() != text:
+        allowed = rpc_allowed(self.plan, self.node_id, set(self.peers))
+        text = "".join(f"{n}\n" for n in allowed)
+        old = tls.allow.read_text() if tls.allow.exists() else ""
+        if old != text:
             tmp = tls.allow.with_suffix(".tmp")
             tmp.write_text(text)
             tmp.replace(tls.allow)
+            if set(old.split()) - set(allowed):
+                self.recycle_rpc_server()
+
+    def recycle_rpc_server(self) -> None:
+        """Start the TLS rpc-server afresh once a host is no longer allowed. It serves one client at a time,
+        and a host that vanished (a partition, a crash) can leave its connection open for minutes: the next
+        host would queue behind it. (The tunnels' worker end closes such connections itself.)"""
+        if self.rpc and self.rpc.running():
+            log.info("ggml-rpc-server: restarting it, so a connection from a host that is no longer ours ends")
+            self.rpc_recycled = True
+            self.rpc.kill_now()
 
     def rpc_listen_port(self, host: str) -> int:
         if self.rpc_port is None:
@@ -187,6 +201,10 @@ class Runnerd:
                 self.update(rpc=ChildState(state="ready", port=port, pid=self.rpc.pid, restarts=restarts),
                             rpc_tls=announced, rpc_host=_connectable(host))
             await self.rpc.wait()
+            if self.rpc_recycled:  # on purpose (recycle_rpc_server): at once, and not a failure
+                self.rpc_recycled = False
+                restarts += 1
+                continue
             detail = f"ggml-rpc-server {self.rpc.exit_description()}: {self.rpc.log_tail(2)}"
             log.warning("%s", detail)
             self.update(rpc=ChildState(state="failed", port=port, restarts=restarts, detail=detail), rpc_tls=[])
