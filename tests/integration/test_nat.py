@@ -299,3 +299,32 @@ def test_split_with_a_host_behind_a_symmetric_nat_serves_through_the_relay(tmp_p
         for n in nodes:
             n.stop()
         lab.close()
+
+
+def test_a_token_whose_addresses_are_all_unreachable_says_so_in_bounded_time(tmp_path):
+    """`meshctl up -d --join` waits for the join's outcome: a token pointing only at addresses where
+    nothing answers (bound UDP sockets that never read) ends in one clear line and a non-zero exit."""
+    import socket
+
+    from common.identity import NodeIdentity
+    from common.tokens import InviteToken, encode_token, new_mesh_id, new_secret
+    from tests.integration.harness import meshctl
+    from tests.support.procs import free_port
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole1, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as hole2:
+        hole1.bind(("127.0.0.1", 0))
+        hole2.bind(("127.0.0.1", 0))
+        inviter = NodeIdentity.load_or_create(tmp_path / "gone").node_id
+        token = encode_token(InviteToken(new_mesh_id(), new_secret(), inviter,
+                                         (("127.0.0.1", hole1.getsockname()[1]), ("127.0.0.1", hole2.getsockname()[1]))))
+        home = tmp_path / "j"
+        started = time.monotonic()
+        try:
+            up = meshctl("up", "-d", "--client", "--port", str(free_port()), "--join", token, home=home, timeout=90)
+            took = time.monotonic() - started
+        finally:
+            meshctl("down", home=home, timeout=60)
+    assert up.returncode != 0, up.stdout + up.stderr
+    failed = [line for line in up.stderr.splitlines() if "join failed" in line]
+    assert len(failed) == 1 and "cannot reach the inviting node" in failed[0] and "meshctl join" in failed[0], up.stderr
+    assert took < 45, took  # the dials give up after seconds, not a hang
+    print(f"nat: a token with only dead addresses: `meshctl up -d --join` failed in {took:.1f} s: {failed[0]}")

@@ -108,3 +108,17 @@ def test_channel_data_framing() -> None:
     assert parse_channel_data(framed) == (0x4001, b"quic bytes")
     assert parse_channel_data(framed[:-1]) is None                # truncated
     assert parse_channel_data(b"\xc0" + framed[1:]) is None       # a QUIC long header, not a channel
+
+
+def test_status_text_shows_each_peers_path_and_bytes_each_way() -> None:
+    from common.messages import Announcement, PeerPath, PeerView
+    from meshctl.cli import render_status
+    ann = Announcement(node_id="b" * 64, seq=1, role="worker", version="x")
+    peer = PeerView(announcement=ann, connected=True, status="connected", rtt_ms=4.5,
+                    path=PeerPath(path="relayed", via="relay 203.0.113.3:3478", bytes_sent=1500, bytes_received=800))
+    tunnel = {"node_id": "b" * 64, "lane": "quic", "bytes_out": 2_000_000, "bytes_in": 3_500_000}
+    text = render_status({"meshd": {"node_id": "a" * 64, "peers": [peer.model_dump()]}, "electd": {}, "runnerd": {},
+                          "gatewayd": {"tunnels": [tunnel]}})
+    row = next(line for line in text.splitlines() if line.startswith("bbbbbbbb"))
+    assert "relayed quic" in row and "2.0M/3.5M" in row, text  # control + tunnel bytes, sent/received
+    assert "via relay 203.0.113.3:3478" in text
