@@ -487,6 +487,7 @@ class TunnelService:
         self.quic_port = quic_port
         self.stun = list(stun or [])
         self.reach: EndpointReach | None = None
+        self.direct_quic: list[tuple[str, int]] = []
         self.relay_urls = list(relays or [])
         self.relays: list = []   # TURN allocations on the QUIC lane's socket
         self.relay_failures: list[tuple[str, str]] = []
@@ -544,8 +545,12 @@ class TunnelService:
         hosts = _announce_hosts(self.bind_host)
         quic = gather([(h, quic_port) for h in hosts], self.reach.nat.public, self.reach.nat.behaviour)
         self.relays, self.relay_failures = await open_relays(self._quic, self.relay_urls)
-        quic += [a.relayed for a in self.relays if a.relayed is not None]
-        return [(h, tcp_port) for h in hosts], quic
+        self.direct_quic = quic
+        return [(h, tcp_port) for h in hosts], self.quic_candidates()
+
+    def quic_candidates(self) -> list[tuple[str, int]]:
+        """The QUIC lane's candidates: direct ones, then our relays' current relayed addresses."""
+        return self.direct_quic + [a.relayed for a in self.relays if a.relayed is not None]
 
     def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None) -> None:
         """Connectivity checks toward the QUIC candidates of peers we hold no QUIC connection to:

@@ -89,7 +89,7 @@ class Meshd:
         self.last_heard: dict[str, float] = {}
         self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
         self.errors: list[str] = []
-        self.listen: list[tuple[str, int]] = []
+        self.direct_listen: list[tuple[str, int]] = []  # host and public candidates (relayed ones: self.listen)
         self.runner = RunnerState()
         self.gateway = GatewayState()
         self.plan = Plan()
@@ -120,6 +120,12 @@ class Meshd:
         with os.fdopen(fd, "w") as f:
             json.dump(secret.__dict__, f)
         os.replace(tmp, path)
+
+    @property
+    def listen(self) -> list[tuple[str, int]]:
+        """Our candidates: direct ones, then our relays' current relayed addresses (they change when a
+        relay restarts)."""
+        return self.direct_listen + relay_candidates(self.relays)
 
     def token(self) -> str:
         return encode_token(InviteToken(self.secret.mesh_id, self.secret.secret, self.me_id, tuple(self.listen)))
@@ -425,9 +431,10 @@ class Meshd:
     async def serve(self) -> None:
         host, port = await self.endpoint.start()
         await self.reach.discover(self.settings.stun)  # a few seconds at most, even if no server answers
-        self.listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
+        self.direct_listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
         self.relays, self.relay_failures = await open_relays(self.endpoint, self.settings.relay)
-        self.listen += relay_candidates(self.relays)
+        for allocation in self.relays:
+            allocation.on_change = self.bus.state_changed  # a new relayed address: announce it
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
         log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()
