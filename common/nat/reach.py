@@ -156,6 +156,14 @@ class EndpointReach:
             return None
         return result
 
+    def best_answered(self, candidates: list, excluded: set) -> tuple[str, int] | None:
+        """Of `candidates` not in `excluded` (a peer's relayed addresses), the one whose check
+        answered fastest lately. Never loopback: our own socket may answer there."""
+        answered = [(r.rtt, (h, int(p))) for h, p in candidates
+                    if (h, int(p)) not in excluded and not h.startswith("127.")
+                    and (r := self.answered((h, int(p)))) is not None]
+        return min(answered)[1] if answered else None
+
     async def check_all(self, addrs: list[tuple[str, int]], timeout: float = CHECK_TIMEOUT_S) -> list[tuple[str, int]]:
         """Check every candidate at once; the ones that answered, fastest first."""
         results = await asyncio.gather(*(self.check(a, timeout) for a in addrs))

@@ -220,6 +220,8 @@ class QuicPeerConnection:
         if addr != self._last_addr or self._path_by_addr.get(addr) is not path:
             self._last_addr = addr
             self._path_by_addr[addr] = path
+            if addr == self._send_address:
+                self.path = path  # the peer now reaches us another way (it moved off a relay): answer that way
         self._quic.receive_datagram(data, addr, now)
         if addr != self._send_address:
             paths = getattr(self._quic, "_network_paths", None)
@@ -299,6 +301,27 @@ class QuicPeerConnection:
                 self._quic.send_ping(0)
             except Exception:
                 pass
+        self._schedule_transmit()
+
+    def move_to(self, address: tuple, path: "DatagramPath") -> None:
+        """A dialed connection sends to the peer at `address` through `path` from now on: the peer
+        was dialed at its relay's address and a check to one of its direct candidates answered.
+        The peer (QUIC's server) sees the same client address arrive another way and answers that
+        way; this side rewrites the server address its QUIC state sends to."""
+        if not self.dialed or tuple(address) == tuple(self._send_address):
+            return
+        paths = getattr(self._quic, "_network_paths", None)
+        if not paths:
+            return
+        paths[0].addr = address
+        self._send_address = address
+        self.remote_address = (address[0], address[1])
+        self._path_by_addr = {address: path}
+        self.path = path
+        try:
+            self._quic.send_ping(0)
+        except Exception:
+            pass
         self._schedule_transmit()
 
     @property

@@ -173,7 +173,8 @@ class Gatewayd:
             await asyncio.sleep(1.0)
             peers = [p for p in self.mesh.peers if p.connected and p.announcement.data_quic]
             self.tunnels.punch([PeerDataAddrs(node_id=p.announcement.node_id, quic=list(p.announcement.data_quic))
-                                for p in peers], [h for p in peers for h, _ in p.announcement.public_addrs])
+                                for p in peers], [h for p in peers for h, _ in p.announcement.public_addrs],
+                               {tuple(a) for p in peers for a in p.announcement.relay_addrs})
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
         ann = peer.announcement

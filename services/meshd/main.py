@@ -35,7 +35,7 @@ from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, he
                                    rotation_verdict, sign_announcement, sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
-                                  punch_forever, relay_candidates, stun_errors)
+                                  punch_forever, relay_candidates, relayed, stun_errors)
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -306,14 +306,14 @@ class Meshd:
     def unconnected_addrs(self) -> list[list]:
         """Candidates of the members we know of and hold no direct connection to (for hole punching)."""
         return [a.mesh_addrs for nid, a in self.view.items() if nid != self.me_id and
-                all(link.conn.path_kind == "relayed" for link in self.links.get(nid, []))]
+                all(relayed(link.conn, a) for link in self.links.get(nid, []))]
 
     async def relay_upkeep_forever(self) -> None:
         """Permissions for every member on our relays; relayed connections move to direct paths."""
         while True:  # a supervised loop: returning would count as a failure
             for allocation in self.relays:
                 allocation.permit(permitted_ips(list(self.view.values()), self.relays))
-            migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach)
+            migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach, self.view)
             await asyncio.sleep(1.0)
 
     async def redial(self, node_id: str, addrs: list, failures: int) -> None:

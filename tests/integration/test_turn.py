@@ -1,6 +1,6 @@
 """The TURN client against a real coturn on loopback: credentials, a QUIC connection through the
-relay (both directions), and the move from the relayed path to the direct one without a new
-connection."""
+relay (both directions), the move from the relayed path to the direct one without a new
+connection (through our relay, and to the peer's relayed address), and a relay that restarts."""
 from __future__ import annotations
 
 import asyncio
@@ -83,6 +83,13 @@ def test_quic_through_the_relay_then_direct(coturn, tmp_path):
 
             inbound = await eb.dial(relay.relayed, expected_node_id=a.node_id)  # b dials a's relayed address
             assert await exchange(inbound, b"hello") == b"hello"
+            seen_by_a = next(c for c in ea.connections if c.peer_node_id == b.node_id and not c.dialed)
+            assert seen_by_a.path_kind == "relayed"  # a answers through its allocation
+            before = relay.bytes_out + relay.bytes_in
+            inbound.move_to(ea.local_address, eb.socket_path)  # a's direct address answered a check: b moves there
+            assert await exchange(inbound, b"moved" * 2000) == b"moved" * 2000
+            assert seen_by_a.path_kind == "direct"  # a answers the way b's datagrams now come
+            assert relay.bytes_out + relay.bytes_in - before < 3000  # at most what was in flight at the move
 
             before = relay.bytes_out
             relayed.use_path(ea.socket_path)  # a punch succeeded: same connection, direct path

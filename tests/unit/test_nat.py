@@ -58,7 +58,10 @@ def test_silent_servers_are_named() -> None:
 def test_gather_adds_the_public_mapping_except_for_symmetric_nat() -> None:
     host = [("10.0.0.2", 5000)]
     assert gather(host, ("203.0.113.9", 5000), "endpoint-independent") == [("10.0.0.2", 5000), ("203.0.113.9", 5000)]
-    assert gather(host, ("203.0.113.9", 41234), "symmetric") == host
+    # symmetric: not the STUN server's mapping, but our public IP with our own port (a NAT that keeps ports
+    # for new flows, or a forwarded port, answers there)
+    assert gather(host, ("203.0.113.9", 41234), "symmetric") == [("10.0.0.2", 5000), ("203.0.113.9", 5000)]
+    assert gather([("127.0.0.1", 5000)], ("203.0.113.9", 41234), "symmetric") == [("127.0.0.1", 5000)]
     assert gather(host, ("10.0.0.2", 5000), "no NAT") == host
 
 
