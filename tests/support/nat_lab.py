@@ -5,6 +5,7 @@ masquerade routers that drop unsolicited inbound traffic, as home routers do (DE
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from tests.support.procs import kill_process_tree, wait_until
 PUBLIC_PREFIX = "203.0.113"
 STUN_IP = f"{PUBLIC_PREFIX}.3"
 STUN2_IP = f"{PUBLIC_PREFIX}.4"
+STUN_SERVERS = (f"{STUN_IP}:3478", f"{STUN2_IP}:3478")  # two, to tell cone from symmetric
+TURN_USER = "meshuser"
+TURN_PASS = "s3cret-relay-pass"
+RELAY_URL = f"turn:{TURN_USER}:{TURN_PASS}@{STUN_IP}:3478"
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -25,9 +30,9 @@ def sh(*args: str, input: str | None = None) -> None:
 
 def available() -> str | None:
     """Why the lab cannot run here, or None."""
-    for tool in ("ip", "nft", "turnserver"):
+    for tool in ("ip", "nft", "turnserver", "conntrack"):
         if shutil.which(tool) is None:
-            return f"needs {tool} (apt-get install -y iproute2 nftables coturn)"
+            return f"needs {tool} (apt-get install -y iproute2 nftables coturn conntrack)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
         return "needs root for network namespaces"
     return None
@@ -46,7 +51,10 @@ class NatLab:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    relay: subprocess.Popen | None = None  # the TURN server, when start_servers(relay=True)
     _hosts: int = 10
+    _servers_ns: str = ""
+    _log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.wan = self._netns("wan")
@@ -136,6 +144,47 @@ table inet fw {{
         self.procs.append(proc)
         wait_until(lambda: _udp_listening(ns, listen_ip, port), timeout=20, interval=0.1, what=f"coturn on {port}")
         return proc
+
+    def start_servers(self, log_dir: Path, *, relay: bool) -> None:
+        """STUN at STUN_IP and STUN2_IP (two, to tell cone from symmetric); with `relay`, the first is
+        a TURN relay too (RELAY_URL)."""
+        self._log_dir = log_dir
+        self._servers_ns = self.public_site("turn" if relay else "stun", 3).ns
+        if relay:
+            self.start_relay()
+        else:
+            self.start_coturn(self._servers_ns, 3478, log_dir, listen_ip=STUN_IP)
+        self.start_coturn(self.public_site("stun2", 4).ns, 3478, log_dir, listen_ip=STUN2_IP)
+
+    def start_relay(self) -> None:
+        assert self._log_dir is not None and self.relay is None
+        self.relay = self.start_coturn(self._servers_ns, 3478, self._log_dir, user=f"{TURN_USER}:{TURN_PASS}")
+
+    def kill_relay(self) -> None:
+        """The relay dies, and every allocation on it."""
+        assert self.relay is not None
+        kill_process_tree(self.relay, grace=0, first=signal.SIGKILL)
+        wait_until(lambda: not _udp_listening(self._servers_ns, STUN_IP, 3478), timeout=10, interval=0.1,
+                   what="the relay gone")
+        self.relay = None
+
+    @property
+    def relay_ns(self) -> str:
+        """The namespace of the STUN/TURN server at STUN_IP (for a capture on its segment)."""
+        return self._servers_ns
+
+    def keep_ports(self, site: Site, toward: str) -> None:
+        """The site's router stops randomizing ports (symmetric -> port-preserving) for new flows, and
+        its flows toward `toward` (an IP) start afresh, as after they idle out."""
+        assert site.router is not None
+        out = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "ip", "nat", "post"],
+                             capture_output=True, text=True, check=True).stdout
+        handle = next(line.rsplit("# handle ", 1)[1].strip() for line in out.splitlines() if "masquerade" in line)
+        wan_dev = out.split('oifname "', 1)[1].split('"', 1)[0]
+        sh("ip", "netns", "exec", site.router, "nft", "replace", "rule", "ip", "nat", "post", "handle", handle,
+           "oifname", wan_dev, "masquerade")
+        subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-D", "-d", toward],
+                       capture_output=True)  # exits 1 when there was none
 
     def close(self) -> None:
         for proc in self.procs:
