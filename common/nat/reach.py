@@ -187,7 +187,8 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
     queue: list[tuple[float, tuple[str, int], DatagramPath | None]] = \
         [(i * DIAL_STAGGER_S, addr, None) for i, addr in enumerate(order)]
     for relay in relays or []:
-        queue += [(RELAY_AFTER_S + i * DIAL_STAGGER_S, addr, relay) for i, addr in enumerate(order)]
+        through = [a for a in order if relay_can_reach(relay, a)]
+        queue += [(RELAY_AFTER_S + i * DIAL_STAGGER_S, addr, relay) for i, addr in enumerate(through)]
     queue.sort(key=lambda item: item[0])
     pending: dict[asyncio.Task, str] = {}
     errors: list[str] = []
@@ -227,6 +228,14 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
     if winner is None:
         raise ConnectionError(f"no address answered ({'; '.join(errors) or 'no addresses'})")
     return winner
+
+
+def relay_can_reach(relay, addr: tuple[str, int]) -> bool:
+    """Not our loopback, and not the relay's own addresses: coturn refuses a peer on its own IP
+    (relay to relay: 403/400), so a peer's relayed address is dialed from our socket instead."""
+    host = addr[0]
+    own = {relay.relayed[0] if relay.relayed else None, _plain(relay.server)[0] if relay.server else None}
+    return not host.startswith("127.") and host not in own
 
 
 def _close_late_winner(task: asyncio.Task) -> None:

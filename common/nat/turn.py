@@ -240,6 +240,8 @@ class TurnAllocation:
             return  # lost: permissions wait for the new allocation
         now = time.monotonic()
         for ip in ips:
+            if ip.startswith("127."):
+                continue  # coturn answers 403 and closes the whole allocation
             if ip in self._permitted or ip in self._permitting or now - self._refused.get(ip, -1e9) < REFUSED_RETRY_S:
                 continue
             self._permitting[ip] = self._spawn(self._permit(ip))
@@ -276,6 +278,8 @@ class TurnAllocation:
             return  # the relay lost our allocation; QUIC retransmits once it is back
         for data, addr in datagrams:
             peer = _plain(addr)
+            if peer[0].startswith("127."):
+                continue  # never through a relay (see permit)
             if peer[0] not in self._permitted:
                 queue = self._queued.setdefault(peer[0], [])
                 if len(queue) < MAX_QUEUED:

@@ -125,3 +125,13 @@ def test_status_text_shows_each_peers_path_and_bytes_each_way() -> None:
     row = next(line for line in text.splitlines() if line.startswith("bbbbbbbb"))
     assert "relayed quic" in row and "2.0M/3.5M" in row, text  # control + tunnel bytes, sent/received
     assert "via relay 203.0.113.3:3478" in text
+
+
+def test_a_relay_is_not_asked_to_reach_itself_or_our_loopback() -> None:
+    from types import SimpleNamespace
+
+    from common.nat.reach import relay_can_reach
+    relay = SimpleNamespace(relayed=("203.0.113.3", 49200), server=("203.0.113.3", 3478))
+    assert relay_can_reach(relay, ("203.0.113.101", 5000))
+    assert not relay_can_reach(relay, ("203.0.113.3", 49300))  # another node's relayed address there: coturn refuses
+    assert not relay_can_reach(relay, ("127.0.0.1", 5000))
