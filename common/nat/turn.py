@@ -107,6 +107,7 @@ class TurnAllocation:
         self._sockaddr = sockaddr      # (host, port) -> the endpoint's address form
         self.username, self._password = username, password
         self.label = label
+        self._on_loopback = _plain(server)[0].startswith("127.")  # a relay on this machine may reach our loopback
         self.relayed: tuple[str, int] | None = None
         self.mapped: tuple[str, int] | None = None
         self.error = ""
@@ -240,7 +241,7 @@ class TurnAllocation:
             return  # lost: permissions wait for the new allocation
         now = time.monotonic()
         for ip in ips:
-            if ip.startswith("127."):
+            if ip.startswith("127.") and not self._on_loopback:
                 continue  # coturn answers 403 and closes the whole allocation
             if ip in self._permitted or ip in self._permitting or now - self._refused.get(ip, -1e9) < REFUSED_RETRY_S:
                 continue
@@ -278,7 +279,7 @@ class TurnAllocation:
             return  # the relay lost our allocation; QUIC retransmits once it is back
         for data, addr in datagrams:
             peer = _plain(addr)
-            if peer[0].startswith("127."):
+            if peer[0].startswith("127.") and not self._on_loopback:
                 continue  # never through a relay (see permit)
             if peer[0] not in self._permitted:
                 queue = self._queued.setdefault(peer[0], [])
