@@ -228,6 +228,7 @@ class QuicPeerConnection:
             if paths and paths[0].addr == addr:  # QUIC promoted the peer's new address (a migration)
                 self._send_address = addr
                 self.remote_address = (addr[0], addr[1])
+                self.path = path  # and we answer it the way it came (direct, after a relay)
 
     def _after_receive(self) -> None:
         self._process_events()

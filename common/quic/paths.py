@@ -32,6 +32,9 @@ class DatagramPath(Protocol):
     def send(self, datagrams: Datagrams) -> None: ...
 
 
+REPORTED_ERRORS = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
+
+
 class UdpSocketPath:
     """Sends on the endpoint's UDP socket; queues (and waits for writability) when it is full."""
 
@@ -59,8 +62,14 @@ class UdpSocketPath:
                 self._loop.add_writer(sock.fileno(), self.flush)
                 return
             except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH,
-                                     errno.EMSGSIZE, errno.EPERM):
+                if exc.errno in REPORTED_ERRORS:
+                    # Most likely an ICMP error left by an earlier datagram to another address (the
+                    # socket reports it on the next call and sends nothing): this one still goes.
+                    try:
+                        sendto(data, addr)
+                    except OSError:
+                        pass
+                elif exc.errno not in (errno.EMSGSIZE, errno.EPERM):
                     log.debug("sendto %s failed: %s", addr, exc)
 
     def flush(self) -> None:
@@ -75,8 +84,12 @@ class UdpSocketPath:
                     sock.sendto(data, addr)
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:
-                    pass
+                except OSError as exc:
+                    if exc.errno in REPORTED_ERRORS:
+                        try:
+                            sock.sendto(data, addr)  # as in send: an earlier datagram's ICMP error
+                        except OSError:
+                            pass
                 sent += 1
         finally:
             del queue[:sent]

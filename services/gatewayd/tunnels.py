@@ -549,8 +549,11 @@ class TunnelService:
         return [(h, tcp_port) for h in hosts], self.quic_candidates()
 
     def quic_candidates(self) -> list[tuple[str, int]]:
-        """The QUIC lane's candidates: direct ones, then our relays' current relayed addresses."""
-        return self.direct_quic + [a.relayed for a in self.relays if a.relayed is not None]
+        """The QUIC lane's candidates: direct ones, behind a symmetric NAT how our relays saw us
+        (services/meshd/reach.py mapped_candidates says why), then our relays' relayed addresses."""
+        mapped = [a.mapped for a in self.relays if a.mapped is not None and a.mapped not in self.direct_quic] \
+            if self.reach is not None and self.reach.nat.behaviour == "symmetric" else []
+        return self.direct_quic + mapped + [a.relayed for a in self.relays if a.relayed is not None]
 
     def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None,
               relay_addrs: set[tuple[str, int]] | None = None) -> None:

@@ -35,7 +35,7 @@ from services.meshd.gossip import (GossipMemory, forget_stale, grown_silence, he
                                    rotation_verdict, sign_announcement, sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
-                                  punch_forever, relay_candidates, relayed, stun_errors)
+                                  mapped_candidates, punch_forever, relay_candidates, relayed, stun_errors)
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -125,7 +125,8 @@ class Meshd:
     def listen(self) -> list[tuple[str, int]]:
         """Our candidates: direct ones, then our relays' current relayed addresses (they change when a
         relay restarts)."""
-        return self.direct_listen + relay_candidates(self.relays)
+        return self.direct_listen + [a for a in mapped_candidates(self.reach.nat, self.relays)
+                                     if a not in self.direct_listen] + relay_candidates(self.relays)
 
     def token(self) -> str:
         return encode_token(InviteToken(self.secret.mesh_id, self.secret.secret, self.me_id, tuple(self.listen)))

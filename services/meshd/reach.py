@@ -44,6 +44,15 @@ def announcement_fields(state: NatState, relays: list[TurnAllocation], data_rela
                            [tuple(r.relayed) for r in data_relays or [] if r.relayed is not None]}
 
 
+def mapped_candidates(state: NatState, relays: list) -> list[tuple[str, int]]:
+    """Behind a symmetric NAT: how each relay saw our socket (its XOR-MAPPED-ADDRESS). Useless while
+    the NAT maps per destination; right once it keeps one mapping per socket (reconfigured), so
+    that peers' checks there open their NATs toward us."""
+    if state.behaviour != "symmetric":
+        return []
+    return [tuple(a.mapped) for a in relays if a.mapped is not None]
+
+
 def relay_candidates(relays: list[TurnAllocation]) -> list[tuple[str, int]]:
     return [a.relayed for a in relays if a.relayed is not None]
 

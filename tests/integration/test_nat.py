@@ -303,10 +303,11 @@ def test_losing_the_relay_spares_punched_paths_and_relayed_requests_fail_cleanly
         wait_until(lambda: path_of(c, a) == "punched" and path_of(s, a) == "relayed", timeout=60, interval=0.5,
                    what="C punched and S relayed to the host")
         assert path_of(p, a) == "direct"
-        rates = {}
-        for n, kind in ((p, "direct"), (c, "punched"), (s, "relayed")):
-            got = [answers(n, 48) for _ in range(2)]
-            rates[kind] = max(g["client_tok_s"] or 0 for g in got if g)
+        rates: dict[str, float] = {}
+        for _ in range(2):  # interleaved, so a change in the machine's load hits every path alike
+            for n, kind in ((p, "direct"), (c, "punched"), (s, "relayed")):
+                got = answers(n, 48)
+                rates[kind] = max(rates.get(kind, 0.0), (got or {}).get("client_tok_s") or 0.0)
         host_rate = max(x for x in (decode_tok_s(a) for _ in range(2)) if x)
         print("nat: join -> serving: " + ", ".join(f"{k} {v:.1f} s" for k, v in served.items()) +
               "; decode seen by a lite client of the same host: " +
@@ -369,7 +370,7 @@ def test_split_with_a_host_behind_a_symmetric_nat_serves_through_the_relay_then_
         asker.start()
         try:
             wait_until(lambda: results, timeout=120, interval=0.2, what="a first request under way")
-            lab.keep_ports(home_s, toward=home_a.public_ip)
+            lab.keep_ports(home_s)
             flipped = time.monotonic()
 
             def moved() -> bool:

@@ -173,9 +173,11 @@ table inet fw {{
         """The namespace of the STUN/TURN server at STUN_IP (for a capture on its segment)."""
         return self._servers_ns
 
-    def keep_ports(self, site: Site, toward: str) -> None:
-        """The site's router stops randomizing ports (symmetric -> port-preserving) for new flows, and
-        its flows toward `toward` (an IP) start afresh, as after they idle out."""
+    def keep_ports(self, site: Site) -> None:
+        """The site's router stops randomizing ports for new flows and its flows start afresh, as
+        after they idle out, all but those to the relay's TURN port (3478): Linux then maps every
+        new flow of a socket as its remaining flow is mapped (one mapping per socket: hole punching
+        works), and the relayed path carries on meanwhile."""
         assert site.router is not None
         out = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "ip", "nat", "post"],
                              capture_output=True, text=True, check=True).stdout
@@ -183,8 +185,22 @@ table inet fw {{
         wan_dev = out.split('oifname "', 1)[1].split('"', 1)[0]
         sh("ip", "netns", "exec", site.router, "nft", "replace", "rule", "ip", "nat", "post", "handle", handle,
            "oifname", wan_dev, "masquerade")
-        subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-D", "-d", toward],
-                       capture_output=True)  # exits 1 when there was none
+        # No new flow out while the old ones go (one would take over an old flow's mapping).
+        sh("ip", "netns", "exec", site.router, "nft", "insert", "rule", "inet", "fw", "forward", "oifname", wan_dev,
+           "udp", "dport", "!=", "3478", "drop", "comment", '"keep-ports"')
+        flows = subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-L", "-p", "udp"],
+                               capture_output=True, text=True).stdout
+        for line in flows.splitlines():
+            f: dict[str, str] = {}
+            for key, _, value in (kv.partition("=") for kv in line.split() if "=" in kv):
+                f.setdefault(key, value)  # the first of each: the original direction
+            if f.get("dport") != "3478" and {"src", "dst", "sport", "dport"} <= f.keys():
+                subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-D", "-p", "udp", "-s", f["src"],
+                                "-d", f["dst"], "--sport", f["sport"], "--dport", f["dport"]], capture_output=True)
+        rules = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "inet", "fw",
+                                "forward"], capture_output=True, text=True, check=True).stdout
+        block = next(line.rsplit("# handle ", 1)[1].strip() for line in rules.splitlines() if "keep-ports" in line)
+        sh("ip", "netns", "exec", site.router, "nft", "delete", "rule", "inet", "fw", "forward", "handle", block)
 
     def close(self) -> None:
         for proc in self.procs:
