@@ -61,3 +61,16 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_HOME_NETWORKS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                     "169.254.0.0/16", "100.64.0.0/10")]
+
+
+def home_network(host: str) -> bool:
+    """RFC 1918, link-local or carrier-grade NAT space: reachable only from inside that network."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.version == 4 and any(ip in n for n in _HOME_NETWORKS)

@@ -19,7 +19,7 @@ from typing import Callable
 from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
-from common.nat.candidates import dial_order
+from common.nat.candidates import dial_order, home_network
 from common.nat.transactions import answered_with_retransmits
 from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
@@ -231,11 +231,17 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
 
 
 def relay_can_reach(relay, addr: tuple[str, int]) -> bool:
-    """Not our loopback, and not the relay's own addresses: coturn refuses a peer on its own IP
-    (relay to relay: 403/400), so a peer's relayed address is dialed from our socket instead."""
+    """Not our loopback, not the relay's own addresses (coturn refuses a peer on its own IP, relay
+    to relay: 400/403, so a peer's relayed address is dialed from our socket instead), and not a
+    private address from a relay that is not on a private network itself (coturn closes the whole
+    allocation when its relayed socket cannot send there)."""
     host = addr[0]
-    own = {relay.relayed[0] if relay.relayed else None, _plain(relay.server)[0] if relay.server else None}
-    return not host.startswith("127.") and host not in own
+    server = _plain(relay.server)[0] if relay.server else ""
+    own = {relay.relayed[0] if relay.relayed else None, server}
+    if host.startswith("127.") or host in own:
+        return False
+    return not (home_network(host) and not home_network(server))
+
 
 
 def _close_late_winner(task: asyncio.Task) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 from aioice import stun
 from aioice.turn import make_integrity_key
 
+from common.nat.candidates import home_network
 from common.nat.transactions import answered_with_retransmits
 
 log = logging.getLogger("mesh.nat")
@@ -107,7 +108,7 @@ class TurnAllocation:
         self._sockaddr = sockaddr      # (host, port) -> the endpoint's address form
         self.username, self._password = username, password
         self.label = label
-        self._on_loopback = _plain(server)[0].startswith("127.")  # a relay on this machine may reach our loopback
+        self._server_host = _plain(server)[0]
         self.relayed: tuple[str, int] | None = None
         self.mapped: tuple[str, int] | None = None
         self.error = ""
@@ -128,6 +129,12 @@ class TurnAllocation:
         self.on_change: Callable[[], None] = lambda: None  # the relayed address changed (lost, or a new one)
         self.bytes_out = 0   # QUIC bytes we sent through the relay
         self.bytes_in = 0    # QUIC bytes the relay brought us
+
+    def _may_reach(self, ip: str) -> bool:
+        """Loopback only from a relay on loopback, a home network only from a relay inside one."""
+        if ip.startswith("127."):
+            return self._server_host.startswith("127.")
+        return not home_network(ip) or home_network(self._server_host)
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -241,8 +248,8 @@ class TurnAllocation:
             return  # lost: permissions wait for the new allocation
         now = time.monotonic()
         for ip in ips:
-            if ip.startswith("127.") and not self._on_loopback:
-                continue  # coturn answers 403 and closes the whole allocation
+            if not self._may_reach(ip):
+                continue  # coturn would close the whole allocation (403 for loopback, unreachable LANs)
             if ip in self._permitted or ip in self._permitting or now - self._refused.get(ip, -1e9) < REFUSED_RETRY_S:
                 continue
             self._permitting[ip] = self._spawn(self._permit(ip))
@@ -279,8 +286,8 @@ class TurnAllocation:
             return  # the relay lost our allocation; QUIC retransmits once it is back
         for data, addr in datagrams:
             peer = _plain(addr)
-            if peer[0].startswith("127.") and not self._on_loopback:
-                continue  # never through a relay (see permit)
+            if not self._may_reach(peer[0]):
+                continue  # never through this relay (see permit)
             if peer[0] not in self._permitted:
                 queue = self._queued.setdefault(peer[0], [])
                 if len(queue) < MAX_QUEUED:

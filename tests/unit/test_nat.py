@@ -135,3 +135,6 @@ def test_a_relay_is_not_asked_to_reach_itself_or_our_loopback() -> None:
     assert relay_can_reach(relay, ("203.0.113.101", 5000))
     assert not relay_can_reach(relay, ("203.0.113.3", 49300))  # another node's relayed address there: coturn refuses
     assert not relay_can_reach(relay, ("127.0.0.1", 5000))
+    assert not relay_can_reach(relay, ("10.0.3.2", 5000))  # a public relay cannot reach a home LAN
+    lan_relay = SimpleNamespace(relayed=("192.168.1.5", 49200), server=("192.168.1.5", 3478))
+    assert relay_can_reach(lan_relay, ("192.168.1.20", 5000))
