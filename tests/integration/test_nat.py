@@ -65,7 +65,7 @@ def mesh(tmp_path: Path, public: Site, *members: tuple[str, Site, list[str], dic
     nodes = [Node(tmp_path / name, netns=site.ns, extra=extra, env=env) for name, site, extra, env in members]
     try:
         p.start()
-        token = p.token() if nodes else ""
+        token = wait_until(lambda: try_token(p), timeout=120, interval=0.5, what="P's token") if nodes else ""
         started = time.monotonic()
         for n in nodes:
             n.start("--join", token)
@@ -73,6 +73,14 @@ def mesh(tmp_path: Path, public: Site, *members: tuple[str, Site, list[str], dic
     finally:
         for n in [*reversed(nodes), p]:
             n.stop()
+
+
+def try_token(node: Node) -> str | None:
+    """The node's token, or None while meshctl is slow to answer (a loaded machine)."""
+    try:
+        return node.token()
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def peer(node: Node, other: Node) -> dict | None:
