@@ -125,6 +125,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             reply = wait_for_token(settings.home, 60)
             if reply.ok:
                 print(f"Invite token: {reply.data['token']}", flush=True)
+                for line in join_outcome(settings.home, settings.join):
+                    print(line, flush=True)
             os._exit(0)
         os.execve(command[0], command, env)
     log = open(addresses.log_path(settings.home, "node"), "ab")
@@ -136,7 +138,36 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"Node started in the background (MESH_HOME={settings.home}).")
     print(f"Invite token: {reply.data['token']}")
     print(f"API at {api} — `meshctl status` shows when the model is served.")
+    failed = [line for line in join_outcome(settings.home, settings.join) if line.startswith("join failed")]
+    if failed:
+        raise UsageError("; ".join(failed) + " — the node runs alone; retry with `meshctl join TOKEN` or stop it "
+                         "with `meshctl down`")
     return 0
+
+
+JOIN_OUTCOME_TIMEOUT_S = 40.0  # a join's dials give up well before this (common/nat/reach.py)
+
+
+def join_outcome(home: Path, tokens: list[str]) -> list[str]:
+    """One line per --join token once meshd has reached the inviting node or given up on it."""
+    pending = {decode_token(t).node_id: t for t in tokens}
+    lines: list[str] = []
+    deadline = time.monotonic() + JOIN_OUTCOME_TIMEOUT_S
+    while pending and time.monotonic() < deadline:
+        reply = request(home, "meshd", StatusRequest(), timeout=1.5)
+        mesh = reply.data if reply.ok else {}
+        connected = {p["announcement"]["node_id"] for p in mesh.get("peers", []) if p.get("connected")}
+        errors = [e.removeprefix("join: ") for e in mesh.get("errors", []) if e.startswith("join: ")]
+        for node_id in [n for n in pending if n in connected]:
+            lines.append(f"joined mesh {mesh.get('mesh_id')} through node {node_id[:8]}")
+            del pending[node_id]
+        if errors and pending:  # meshd keeps the latest join error only
+            lines += [f"join failed: {errors[-1]}" for _ in pending]
+            pending.clear()
+        if pending:
+            time.sleep(0.3)
+    lines += [f"join failed: no answer from node {n[:8]} within {JOIN_OUTCOME_TIMEOUT_S:g} s" for n in pending]
+    return lines
 
 
 def wait_for_token(home: Path, timeout: float):
@@ -182,6 +213,27 @@ def gather_status(home: Path) -> dict:
 
 def gb(n: int | None) -> str:
     return f"{(n or 0) / (1 << 30):.1f} GB"
+
+
+def short_bytes(n: int) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n}B"
+
+
+def peer_path_text(peer: dict, tunnel: dict | None) -> str:
+    """How we reach the peer (direct / punched / relayed) and the data lane last used."""
+    path = (peer.get("path") or {}).get("path") or "-"
+    return f"{path} {tunnel['lane']}" if tunnel else path
+
+
+def peer_bytes_text(peer: dict, tunnel: dict | None) -> str:
+    """Bytes each way with this peer: control connection plus data tunnels (sent/received)."""
+    path = peer.get("path") or {}
+    sent = path.get("bytes_sent", 0) + (tunnel or {}).get("bytes_out", 0)
+    received = path.get("bytes_received", 0) + (tunnel or {}).get("bytes_in", 0)
+    return f"{short_bytes(sent)}/{short_bytes(received)}" if path or tunnel else "-"
 
 
 def render_status(status: dict) -> str:
@@ -246,21 +298,21 @@ def render_status(status: dict) -> str:
     peers = mesh.get("peers", [])
     if peers:
         lines.append("")
-        lines.append(f"{'PEER':<10} {'ROLE':<7} {'MEMORY':>9} {'MODEL':<10} {'RTT':>8} {'TUNNEL':<22} STATUS")
+        lines.append(f"{'PEER':<10} {'ROLE':<7} {'MEMORY':>9} {'MODEL':<10} {'RTT':>8} {'PATH':<14} {'SENT/RECEIVED':<15} "
+                     f"STATUS")
         my_fp = model.get("fingerprint")
         for p in peers:
             a = p["announcement"]
             match = "-" if a["role"] == "client" else ("same" if a.get("model_fingerprint") == my_fp else "different")
             rtt = f"{p['rtt_ms']:.1f} ms" if p.get("rtt_ms") is not None else "-"
-            t = tunnels.get(a["node_id"])
-            tunnel = f"{t['lane']} {t['bytes_in'] + t['bytes_out']:,}B" if t else "-"
-            path = p.get("path") or {}
-            if path.get("path"):
-                tunnel = f"{path['path']} {tunnel}" if tunnel != "-" else path["path"]
             role = "host" if a["node_id"] == plan.get("host") else a["role"]
             why = excluded.get(a["node_id"]) or ("in split" if a["node_id"] in members else "")
-            lines.append(f"{a['node_id'][:8]:<10} {role:<7} {gb(a['memory_bytes']):>9} {match:<10} {rtt:>8} {tunnel:<22} "
-                         f"{p['status']}{'; ' + why if why else ''}")
+            lines.append(f"{a['node_id'][:8]:<10} {role:<7} {gb(a['memory_bytes']):>9} {match:<10} {rtt:>8} "
+                         f"{peer_path_text(p, tunnels.get(a['node_id'])):<14} "
+                         f"{peer_bytes_text(p, tunnels.get(a['node_id'])):<15} {p['status']}{'; ' + why if why else ''}")
+            via = (p.get("path") or {}).get("via", "")
+            if via.startswith("relay "):
+                lines.append(f"{'':<10} via {via}")
     for err in mesh.get("errors", []):
         lines.append(f"mesh error: {err}")
     if dropped := {k: v for k, v in (mesh.get("gossip_dropped") or {}).items() if v}:

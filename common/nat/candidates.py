@@ -16,10 +16,15 @@ PATH_RELAYED = "relayed"
 
 
 def gather(host_addrs: list[Address], public: Address | None, behaviour: str) -> list[Address]:
-    """Our candidates, most direct first: host addresses, then the public mapping (not for a
-    symmetric NAT: its mapping toward a STUN server is not the one a peer would meet)."""
+    """Our candidates, most direct first: host addresses, then the public mapping. Behind a
+    symmetric NAT the mapping STUN saw is the STUN server's alone; we offer our public IP with our
+    own port instead (a prediction): it answers once the NAT keeps ports for new flows or the
+    port is forwarded, and until then peers' checks to it just go unanswered."""
     out = [(h, int(p)) for h, p in host_addrs]
-    if public is not None and behaviour != "symmetric" and tuple(public) not in out:
+    if public is not None and behaviour == "symmetric":
+        port = next((p for h, p in out if not _is_loopback(h)), None)
+        public = (public[0], port) if port is not None else None
+    if public is not None and tuple(public) not in out:
         out.append((public[0], int(public[1])))
     return out
 
@@ -56,3 +61,16 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_HOME_NETWORKS = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                                     "169.254.0.0/16", "100.64.0.0/10")]
+
+
+def home_network(host: str) -> bool:
+    """RFC 1918, link-local or carrier-grade NAT space: reachable only from inside that network."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.version == 4 and any(ip in n for n in _HOME_NETWORKS)

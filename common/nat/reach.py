@@ -19,7 +19,7 @@ from typing import Callable
 from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
-from common.nat.candidates import dial_order
+from common.nat.candidates import dial_order, home_network
 from common.nat.transactions import answered_with_retransmits
 from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
@@ -156,6 +156,14 @@ class EndpointReach:
             return None
         return result
 
+    def best_answered(self, candidates: list, excluded: set) -> tuple[str, int] | None:
+        """Of `candidates` not in `excluded` (a peer's relayed addresses), the one whose check
+        answered fastest lately. Never loopback: our own socket may answer there."""
+        answered = [(r.rtt, (h, int(p))) for h, p in candidates
+                    if (h, int(p)) not in excluded and not h.startswith("127.")
+                    and (r := self.answered((h, int(p)))) is not None]
+        return min(answered)[1] if answered else None
+
     async def check_all(self, addrs: list[tuple[str, int]], timeout: float = CHECK_TIMEOUT_S) -> list[tuple[str, int]]:
         """Check every candidate at once; the ones that answered, fastest first."""
         results = await asyncio.gather(*(self.check(a, timeout) for a in addrs))
@@ -179,7 +187,8 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
     queue: list[tuple[float, tuple[str, int], DatagramPath | None]] = \
         [(i * DIAL_STAGGER_S, addr, None) for i, addr in enumerate(order)]
     for relay in relays or []:
-        queue += [(RELAY_AFTER_S + i * DIAL_STAGGER_S, addr, relay) for i, addr in enumerate(order)]
+        through = [a for a in order if relay_can_reach(relay, a)]
+        queue += [(RELAY_AFTER_S + i * DIAL_STAGGER_S, addr, relay) for i, addr in enumerate(through)]
     queue.sort(key=lambda item: item[0])
     pending: dict[asyncio.Task, str] = {}
     errors: list[str] = []
@@ -219,6 +228,20 @@ async def race_dial(endpoint: QuicEndpoint, reach: EndpointReach, node_id: str |
     if winner is None:
         raise ConnectionError(f"no address answered ({'; '.join(errors) or 'no addresses'})")
     return winner
+
+
+def relay_can_reach(relay, addr: tuple[str, int]) -> bool:
+    """Not our loopback, not the relay's own addresses (coturn refuses a peer on its own IP, relay
+    to relay: 400/403, so a peer's relayed address is dialed from our socket instead), and not a
+    private address from a relay that is not on a private network itself (coturn closes the whole
+    allocation when its relayed socket cannot send there)."""
+    host = addr[0]
+    server = _plain(relay.server)[0] if relay.server else ""
+    own = {relay.relayed[0] if relay.relayed else None, server}
+    if host.startswith("127.") or host in own:
+        return False
+    return not (home_network(host) and not home_network(server))
+
 
 
 def _close_late_winner(task: asyncio.Task) -> None:

@@ -25,6 +25,7 @@ from typing import Callable
 from aioice import stun
 from aioice.turn import make_integrity_key
 
+from common.nat.candidates import home_network
 from common.nat.transactions import answered_with_retransmits
 
 log = logging.getLogger("mesh.nat")
@@ -33,6 +34,8 @@ ALLOCATE_TIMEOUT_S = 3.0
 REQUEST_RETRANSMITS = (0.0, 0.3, 0.9, 1.8)
 LIFETIME_S = 600
 REFRESH_EVERY_S = 240          # allocations live LIFETIME_S, permissions 300 s, channels 600 s
+PROBE_EVERY_S = 5.0            # a Refresh this often tells a relay that died or restarted (allocation gone)
+REALLOCATE_EVERY_S = 2.0       # while the allocation is lost, allocate again this often
 MAX_QUEUED = 256               # datagrams waiting for a permission, per peer
 RELAYED_DATAGRAM = 1200        # what one QUIC datagram may be on a relayed path (room for TURN's header)
 UDP = 17
@@ -105,6 +108,7 @@ class TurnAllocation:
         self._sockaddr = sockaddr      # (host, port) -> the endpoint's address form
         self.username, self._password = username, password
         self.label = label
+        self._server_host = _plain(server)[0]
         self.relayed: tuple[str, int] | None = None
         self.mapped: tuple[str, int] | None = None
         self.error = ""
@@ -121,8 +125,16 @@ class TurnAllocation:
         self._queued: dict[str, list[tuple[bytes, tuple[str, int]]]] = {}
         self._next_channel = 0x4000
         self._tasks: set[asyncio.Task] = set()
+        self._upkeep: asyncio.Task | None = None
+        self.on_change: Callable[[], None] = lambda: None  # the relayed address changed (lost, or a new one)
         self.bytes_out = 0   # QUIC bytes we sent through the relay
         self.bytes_in = 0    # QUIC bytes the relay brought us
+
+    def _may_reach(self, ip: str) -> bool:
+        """Loopback only from a relay on loopback, a home network only from a relay inside one."""
+        if ip.startswith("127."):
+            return self._server_host.startswith("127.")
+        return not home_network(ip) or home_network(self._server_host)
 
     # -- transactions ---------------------------------------------------------------------------
 
@@ -183,29 +195,61 @@ class TurnAllocation:
         if "XOR-MAPPED-ADDRESS" in response.attributes:
             self.mapped = _plain(response.attributes["XOR-MAPPED-ADDRESS"])
         self.error = ""
-        self._spawn(self._refresh_forever())
+        self._refused.clear()  # refusals while the relay was away were timeouts
+        if self._upkeep is None:
+            self._upkeep = self._spawn(self._upkeep_forever())
         log.info("relay %s: allocated %s:%d", self.label, *self.relayed)
         return self.relayed
 
-    async def _refresh_forever(self) -> None:
+    async def _upkeep_forever(self) -> None:
+        """Refresh the allocation (a probe every PROBE_EVERY_S, permissions and channels every
+        REFRESH_EVERY_S); when the relay stops answering or no longer knows the allocation (it
+        restarted), allocate again until it answers. The new relayed address is announced anew."""
+        refreshed = time.monotonic()
         while True:
-            await asyncio.sleep(REFRESH_EVERY_S)
+            await asyncio.sleep(PROBE_EVERY_S if self.relayed is not None else REALLOCATE_EVERY_S)
             try:
+                if self.relayed is None:
+                    self._realm, self._nonce, self._key = "", b"", b""  # a restarted relay has new nonces
+                    await self.allocate()
+                    log.info("relay %s: allocation restored", self.label)
+                    self.on_change()
+                    continue
                 await self._request(stun.Method.REFRESH, {"LIFETIME": LIFETIME_S})
-                for ip in list(self._permitted):
-                    await self._request(stun.Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": (ip, 0)})
-                for peer, channel in list(self._channels.items()):
-                    await self._request(stun.Method.CHANNEL_BIND, {"CHANNEL-NUMBER": channel,
-                                                                   "XOR-PEER-ADDRESS": peer})
+                if time.monotonic() - refreshed >= REFRESH_EVERY_S:
+                    refreshed = time.monotonic()
+                    for ip in list(self._permitted):
+                        await self._request(stun.Method.CREATE_PERMISSION, {"XOR-PEER-ADDRESS": (ip, 0)})
+                    for peer, channel in list(self._channels.items()):
+                        await self._request(stun.Method.CHANNEL_BIND, {"CHANNEL-NUMBER": channel,
+                                                                       "XOR-PEER-ADDRESS": peer})
                 self.error = ""
             except TurnError as exc:
-                self.error = str(exc)
-                log.warning("%s", exc)
+                if self.relayed is not None:
+                    log.warning("relay %s lost its allocation (%s); allocating again every %g s", self.label, exc,
+                                REALLOCATE_EVERY_S)
+                    self._forget_allocation()
+                    self.on_change()
+                self.error = f"{exc} (allocating again every {REALLOCATE_EVERY_S:g} s; relayed paths wait)"
+
+    def _forget_allocation(self) -> None:
+        """The relay no longer holds our allocation: its permissions and channels went with it."""
+        self.relayed = None
+        self._permitted.clear()
+        self._refused.clear()
+        self._channels.clear()
+        self._peers_by_channel.clear()
+        self._binding.clear()
+        self._queued.clear()
 
     def permit(self, ips: list[str]) -> None:
         """Let these peers' datagrams in through our relayed address (TURN permissions are per IP)."""
+        if self.relayed is None:
+            return  # lost: permissions wait for the new allocation
         now = time.monotonic()
         for ip in ips:
+            if not self._may_reach(ip):
+                continue  # coturn would close the whole allocation (403 for loopback, unreachable LANs)
             if ip in self._permitted or ip in self._permitting or now - self._refused.get(ip, -1e9) < REFUSED_RETRY_S:
                 continue
             self._permitting[ip] = self._spawn(self._permit(ip))
@@ -238,8 +282,12 @@ class TurnAllocation:
     # -- DatagramPath ---------------------------------------------------------------------------
 
     def send(self, datagrams: list[tuple[bytes, tuple]]) -> None:
+        if self.relayed is None:
+            return  # the relay lost our allocation; QUIC retransmits once it is back
         for data, addr in datagrams:
             peer = _plain(addr)
+            if not self._may_reach(peer[0]):
+                continue  # never through this relay (see permit)
             if peer[0] not in self._permitted:
                 queue = self._queued.setdefault(peer[0], [])
                 if len(queue) < MAX_QUEUED:

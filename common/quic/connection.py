@@ -52,6 +52,8 @@ class QuicPeerConnection:
         self._quic = quic
         self.remote_address: tuple[str, int] = (address[0], address[1])
         self._send_address = address
+        # After move_to: the peer address qh3 still knows (it cannot be told another); we translate.
+        self._quic_peer_address: tuple | None = None
         # Where datagrams go out: `path` for the peer's current address; after a migration the
         # peer may be heard at an address that another path reaches (e.g. direct after relayed).
         self.path = path
@@ -238,6 +240,11 @@ class QuicPeerConnection:
         """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
+        if addr == self._send_address:
+            if self._quic_peer_address is not None:
+                addr = self._quic_peer_address  # where qh3 believes the peer is (move_to)
+            if path is not self.path:
+                self.path = path  # the peer now reaches us another way (it moved off a relay): answer that way
         if addr != self._last_addr or self._path_by_addr.get(addr) is not path:
             self._feed()  # one address per qh3 call
             self._last_addr = addr
@@ -254,11 +261,12 @@ class QuicPeerConnection:
             self._quic.receive_datagram(inbox[0], addr, self._last_received)
         else:
             self._quic.receive_many_datagrams(inbox, addr, self._last_received)
-        if addr != self._send_address:
+        if addr != (self._quic_peer_address or self._send_address):
             core = self._quic._core  # noqa: SLF001
             if core is not None and core.active_path[2] == addr:  # QUIC promoted the peer's new address (a migration)
                 self._send_address = addr
                 self.remote_address = (addr[0], addr[1])
+                self.path = self._path_by_addr.get(addr, self.path)  # and answer it the way it came (direct, after a relay)
 
     def _after_receive(self) -> None:
         self._feed()
@@ -283,6 +291,9 @@ class QuicPeerConnection:
         if self._credit_out:
             self._send_credit()
         datagrams = quic.datagrams_to_send(now=self._loop.time())
+        if datagrams and self._quic_peer_address is not None:
+            moved = self._quic_peer_address
+            datagrams = [(data, self._send_address if addr == moved else addr) for data, addr in datagrams]
         if datagrams:
             for data, _ in datagrams:
                 self.bytes_sent += len(data)
@@ -353,6 +364,28 @@ class QuicPeerConnection:
                 self._quic.send_ping(0)
             except Exception:
                 pass
+        self._schedule_transmit()
+
+    def move_to(self, address: tuple, path: "DatagramPath") -> None:
+        """A dialed connection sends to the peer at `address` through `path` from now on: the peer
+        was dialed at its relay's address and a check to one of its direct candidates answered.
+        The peer (QUIC's server) sees the same client address arrive another way and answers that
+        way; this side translates between `address` and the one qh3 keeps (it cannot be told another)."""
+        address = tuple(address)
+        if not self.dialed or address == tuple(self._send_address):
+            return
+        if self._quic_peer_address is None:
+            self._quic_peer_address = tuple(self._send_address)
+        elif address == self._quic_peer_address:
+            self._quic_peer_address = None  # back where qh3 believes the peer is
+        self._send_address = address
+        self.remote_address = (address[0], address[1])
+        self._path_by_addr = {self._quic_peer_address or address: path}
+        self.path = path
+        try:
+            self._quic.send_ping(0)
+        except Exception:
+            pass
         self._schedule_transmit()
 
     @property

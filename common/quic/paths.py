@@ -35,6 +35,7 @@ class DatagramPath(Protocol):
 UDP_SEGMENT = 103          # Linux: send one buffer as several datagrams of this size (GSO)
 GSO_MAX_SEGMENTS = 64
 GSO_MAX_BYTES = 65000      # below the 64 KiB a UDP send may carry
+REPORTED_ERRORS = (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH)
 
 
 class UdpSocketPath:
@@ -60,7 +61,7 @@ class UdpSocketPath:
         if self._send_queue:
             self._send_queue.extend(datagrams)
             return
-        index, count = 0, len(datagrams)
+        index, count, retried = 0, len(datagrams), False
         while index < count:
             data, addr = datagrams[index]
             end = index + 1
@@ -89,10 +90,14 @@ class UdpSocketPath:
                 self._loop.add_writer(sock.fileno(), self.flush)
                 return
             except OSError as exc:
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENETUNREACH, errno.EHOSTUNREACH,
-                                     errno.EMSGSIZE, errno.EPERM):
+                if exc.errno in REPORTED_ERRORS and not retried:
+                    # Most likely an ICMP error left by an earlier datagram to another address (the
+                    # socket reports it on the next call and sends nothing): send these again, once.
+                    retried = True
+                    continue
+                if exc.errno not in (*REPORTED_ERRORS, errno.EMSGSIZE, errno.EPERM):
                     log.debug("sendto %s failed: %s", addr, exc)
-            index = end
+            index, retried = end, False
 
     def flush(self) -> None:
         sock = self.sock
@@ -106,8 +111,12 @@ class UdpSocketPath:
                     sock.sendto(data, addr)
                 except (BlockingIOError, InterruptedError):
                     return
-                except OSError:
-                    pass
+                except OSError as exc:
+                    if exc.errno in REPORTED_ERRORS:
+                        try:
+                            sock.sendto(data, addr)  # as in send: an earlier datagram's ICMP error
+                        except OSError:
+                            pass
                 sent += 1
         finally:
             del queue[:sent]

@@ -139,7 +139,14 @@ class Gatewayd:
                                rtt_ms=s.get("rtt_ms")) for node_id, s in stats.items()]
         return self.state.model_copy(update={
             "tunnels": tunnels, "requests_served": self.counters["served"], "requests_failed": self.counters["failed"],
-            "relays": relay_states(self.tunnels.relays, self.tunnels.relay_failures)})
+            "relays": relay_states(self.tunnels.relays, self.tunnels.relay_failures),
+            "data_quic": self.data_quic()})
+
+    def data_quic(self) -> list:
+        """The QUIC lane's announced addresses, with the relayed ones as they are now (a relay restarts)."""
+        if self.tunnels.reach is None:
+            return self.state.data_quic
+        return [a for h, p in self.tunnels.quic_candidates() for a in advertised_addresses(h, p, None)]
 
     def quic_path(self, node_id: str, stats: dict) -> str:
         """direct/relayed of the QUIC lane's connection; relayed too when it goes to the peer's relay address."""
@@ -169,7 +176,8 @@ class Gatewayd:
             await asyncio.sleep(1.0)
             peers = [p for p in self.mesh.peers if p.connected and p.announcement.data_quic]
             self.tunnels.punch([PeerDataAddrs(node_id=p.announcement.node_id, quic=list(p.announcement.data_quic))
-                                for p in peers], [h for p in peers for h, _ in p.announcement.public_addrs])
+                                for p in peers], [h for p in peers for h, _ in p.announcement.public_addrs],
+                               {tuple(a) for p in peers for a in p.announcement.relay_addrs})
 
     async def ensure_forward(self, peer: PeerView, kind: str) -> int | None:
         ann = peer.announcement
@@ -294,6 +302,8 @@ class Gatewayd:
             log.error("%s", reason)
             self.state = self.state.model_copy(update={"error": reason})
         tcp, quic = await self.tunnels.start()
+        for allocation in self.tunnels.relays:
+            allocation.on_change = self.bus.state_changed  # a new relayed address: announce it
         self.state = self.state.model_copy(update={
             "data_tcp": [a for h, p in tcp for a in advertised_addresses(h, p, self.settings.advertise_data)],
             "data_quic": [a for h, p in quic for a in advertised_addresses(h, p, None)]})

@@ -488,6 +488,7 @@ class TunnelService:
         self.quic_port = quic_port
         self.stun = list(stun or [])
         self.reach: EndpointReach | None = None
+        self.direct_quic: list[tuple[str, int]] = []
         self.relay_urls = list(relays or [])
         self.relays: list = []   # TURN allocations on the QUIC lane's socket
         self.relay_failures: list[tuple[str, str]] = []
@@ -545,17 +546,29 @@ class TunnelService:
         hosts = _announce_hosts(self.bind_host)
         quic = gather([(h, quic_port) for h in hosts], self.reach.nat.public, self.reach.nat.behaviour)
         self.relays, self.relay_failures = await open_relays(self._quic, self.relay_urls)
-        quic += [a.relayed for a in self.relays if a.relayed is not None]
-        return [(h, tcp_port) for h in hosts], quic
+        self.direct_quic = quic
+        return [(h, tcp_port) for h in hosts], self.quic_candidates()
 
-    def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None) -> None:
-        """Connectivity checks toward the QUIC candidates of peers we hold no QUIC connection to:
+    def quic_candidates(self) -> list[tuple[str, int]]:
+        """The QUIC lane's candidates: direct ones, behind a symmetric NAT how our relays saw us
+        (services/meshd/reach.py mapped_candidates says why), then our relays' relayed addresses."""
+        mapped = [a.mapped for a in self.relays if a.mapped is not None and a.mapped not in self.direct_quic] \
+            if self.reach is not None and self.reach.nat.behaviour == "symmetric" else []
+        return self.direct_quic + mapped + [a.relayed for a in self.relays if a.relayed is not None]
+
+    def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None,
+              relay_addrs: set[tuple[str, int]] | None = None) -> None:
+        """Connectivity checks toward the QUIC candidates of peers we hold no direct QUIC
+        connection to (none, or one through our relay or to their relayed address, `relay_addrs`):
         our NAT opens toward them while theirs opens toward us (they do the same)."""
         if self.reach is None:
             return
+        relay_addrs = relay_addrs or set()
+
+        def relayed(c: QuicPeerConnection) -> bool:
+            return c.path_kind == "relayed" or tuple(c.remote_address) in relay_addrs
         targets = sorted({(h, int(p)) for peer in peers for h, p in peer.quic
-                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed
-                          or c.path_kind == "relayed"})
+                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed or relayed(c)})
         if targets:
             self._spawn(self.reach.check_all(targets))
         if self.relays:
@@ -563,12 +576,20 @@ class TunnelService:
                          | {a.relayed[0] for a in self.relays if a.relayed})
             for allocation in self.relays:
                 allocation.permit([ip for ip in ips if not ip.startswith("127.")])
-            socket_path = self._quic.socket_path if self._quic is not None else None
-            for connection in list(self._quic_connections.values()):
-                if (connection.dialed and connection.path_kind == "relayed" and not connection.is_closed
-                        and socket_path is not None and self.reach.answered(connection.remote_address)):
-                    log.info("QUIC lane to %s: relayed -> direct", connection.peer_node_id[:8])
-                    connection.use_path(socket_path)
+        socket_path = self._quic.socket_path if self._quic is not None else None
+        candidates = {peer.node_id: peer.quic for peer in peers}
+        for connection in list(self._quic_connections.values()):
+            if not connection.dialed or connection.is_closed or socket_path is None:
+                continue
+            if connection.path_kind == "relayed" and self.reach.answered(connection.remote_address):
+                log.info("QUIC lane to %s: relayed -> direct", connection.peer_node_id[:8])
+                connection.use_path(socket_path)
+            elif tuple(connection.remote_address) in relay_addrs:
+                # we dialed its relayed address: move to its direct candidate that answered
+                target = self.reach.best_answered(candidates.get(connection.peer_node_id, []), relay_addrs)
+                if target is not None:
+                    log.info("QUIC lane to %s: its relay -> direct at %s:%d", connection.peer_node_id[:8], *target)
+                    connection.move_to(self._quic.sockaddr(*target), socket_path)
 
     async def close(self) -> None:
         self._closing = True

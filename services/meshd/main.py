@@ -37,7 +37,7 @@ from services.meshd.gossip import (GossipMemory, forget_stale, give_up_redialing
                                    sign_rotation)
 from common.nat.turn import open_relays, relay_states
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
-                                  punch_forever, relay_candidates, stun_errors)
+                                  mapped_candidates, punch_forever, relay_candidates, relayed, stun_errors)
 
 log = logging.getLogger("meshd")
 ALPN = "mesh-inference/1"
@@ -90,7 +90,7 @@ class Meshd:
         self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
         self.redials: set[asyncio.Task] = set()  # dials to known members under way: leaving cancels them
         self.errors: list[str] = []
-        self.listen: list[tuple[str, int]] = []
+        self.direct_listen: list[tuple[str, int]] = []  # host and public candidates (relayed ones: self.listen)
         self.runner = RunnerState()
         self.gateway = GatewayState()
         self.plan = Plan()
@@ -122,6 +122,13 @@ class Meshd:
         with os.fdopen(fd, "w") as f:
             json.dump(secret.__dict__, f)
         os.replace(tmp, path)
+
+    @property
+    def listen(self) -> list[tuple[str, int]]:
+        """Our candidates: direct ones, then our relays' current relayed addresses (they change when a
+        relay restarts)."""
+        return self.direct_listen + [a for a in mapped_candidates(self.reach.nat, self.relays)
+                                     if a not in self.direct_listen] + relay_candidates(self.relays)
 
     def token(self) -> str:
         return encode_token(InviteToken(self.secret.mesh_id, self.secret.secret, self.me_id, tuple(self.listen)))
@@ -317,14 +324,14 @@ class Meshd:
     def unconnected_addrs(self) -> list[list]:
         """Candidates of the members we know of and hold no direct connection to (for hole punching)."""
         return [a.mesh_addrs for nid, a in self.view.items() if nid != self.me_id and
-                all(link.conn.path_kind == "relayed" for link in self.links.get(nid, []))]
+                all(relayed(link.conn, a) for link in self.links.get(nid, []))]
 
     async def relay_upkeep_forever(self) -> None:
         """Permissions for every member on our relays; relayed connections move to direct paths."""
         while True:  # a supervised loop: returning would count as a failure
             for allocation in self.relays:
                 allocation.permit(permitted_ips(list(self.view.values()), self.relays))
-            migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach)
+            migrate_relayed([link.conn for links in self.links.values() for link in links], self.reach, self.view)
             await asyncio.sleep(1.0)
 
     async def redial(self, node_id: str, addrs: list, failures: int) -> None:
@@ -459,9 +466,10 @@ class Meshd:
     async def serve(self) -> None:
         host, port = await self.endpoint.start()
         await self.reach.discover(self.settings.stun)  # a few seconds at most, even if no server answers
-        self.listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
+        self.direct_listen = my_candidates(advertised_addresses(host, port, self.settings.advertise), self.reach.nat)
         self.relays, self.relay_failures = await open_relays(self.endpoint, self.settings.relay)
-        self.listen += relay_candidates(self.relays)
+        for allocation in self.relays:
+            allocation.on_change = self.bus.state_changed  # a new relayed address: announce it
         log.info("node %s listening on UDP %s:%d", self.me_id, host, port)
         log.info("invite token: `meshctl token` prints it (it holds the mesh secret, so it is never logged)")
         loop = asyncio.get_running_loop()

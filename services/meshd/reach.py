@@ -44,6 +44,15 @@ def announcement_fields(state: NatState, relays: list[TurnAllocation], data_rela
                            [tuple(r.relayed) for r in data_relays or [] if r.relayed is not None]}
 
 
+def mapped_candidates(state: NatState, relays: list) -> list[tuple[str, int]]:
+    """Behind a symmetric NAT: how each relay saw our socket (its XOR-MAPPED-ADDRESS). Useless while
+    the NAT maps per destination; right once it keeps one mapping per socket (reconfigured), so
+    that peers' checks there open their NATs toward us."""
+    if state.behaviour != "symmetric":
+        return []
+    return [tuple(a.mapped) for a in relays if a.mapped is not None]
+
+
 def relay_candidates(relays: list[TurnAllocation]) -> list[tuple[str, int]]:
     return [a.relayed for a in relays if a.relayed is not None]
 
@@ -56,15 +65,33 @@ def permitted_ips(announcements: list[Announcement], relays: list[TurnAllocation
     return sorted(ip for ip in ips if not ip.startswith("127."))  # a relay never reaches our loopback
 
 
-def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach) -> None:
-    """A connection we dialed through a relay moves to the direct path as soon as a connectivity
-    check to the same peer address answers on our own socket (QUIC validates the new path)."""
+def relayed(conn: QuicPeerConnection, ann: Announcement | None) -> bool:
+    """Through a relay: ours (our sending path), or the peer's (we reach it at its relayed address)."""
+    return conn.path_kind == "relayed" or (ann is not None and tuple(conn.remote_address) in
+                                           {tuple(a) for a in ann.relay_addrs})
+
+
+def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach,
+                    announcements: dict[str, Announcement] | None = None) -> None:
+    """A relayed connection we dialed moves to a direct path as soon as a connectivity check
+    answers on our own socket: through our relay, to the same peer address (a QUIC migration);
+    to the peer's relay, to the peer's direct candidate that answered (`move_to`). The dialer
+    moves, so the two ends never move at once."""
     socket_path = reach.endpoint.socket_path
     for conn in conns:
-        if conn.dialed and conn.path_kind == "relayed" and not conn.is_closed and socket_path is not None:
+        if not conn.dialed or conn.is_closed or socket_path is None:
+            continue
+        if conn.path_kind == "relayed":
             if reach.answered(conn.remote_address) is not None:
                 log.info("path to %s: relayed -> direct (a check through the NAT answered)", conn.peer_node_id[:8])
                 conn.use_path(socket_path)
+            continue
+        ann = (announcements or {}).get(conn.peer_node_id)
+        if ann is not None and relayed(conn, ann):
+            target = reach.best_answered(ann.mesh_addrs, {tuple(a) for a in ann.relay_addrs})
+            if target is not None:
+                log.info("path to %s: its relay -> direct at %s:%d (a check answered)", conn.peer_node_id[:8], *target)
+                conn.move_to(reach.endpoint.sockaddr(*target), socket_path)
 
 
 async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[list]]) -> None:
@@ -77,8 +104,8 @@ async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[lis
 
 
 def peer_path(conn: QuicPeerConnection, ann: Announcement | None, my_nat: NatState) -> PeerPath:
-    public = {tuple(a) for a in ann.public_addrs} if ann is not None else set()
-    host_addrs = [tuple(a) for a in ann.mesh_addrs if tuple(a) not in public] if ann is not None else []
+    public_ips = {a[0] for a in ann.public_addrs} if ann is not None else set()  # its NAT's (also a predicted port)
+    host_addrs = [tuple(a) for a in ann.mesh_addrs if a[0] not in public_ips] if ann is not None else []
     via_peer_relay = ann is not None and tuple(conn.remote_address) in {tuple(a) for a in ann.relay_addrs}
     kind = path_kind(conn.remote_address, host_addrs, behind_nat(ann.nat) if ann is not None else False,
                      behind_nat(my_nat.behaviour), conn.path_kind == "relayed" or via_peer_relay)

@@ -5,6 +5,7 @@ masquerade routers that drop unsolicited inbound traffic, as home routers do (DE
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import uuid
 from dataclasses import dataclass, field
@@ -15,6 +16,10 @@ from tests.support.procs import kill_process_tree, wait_until
 PUBLIC_PREFIX = "203.0.113"
 STUN_IP = f"{PUBLIC_PREFIX}.3"
 STUN2_IP = f"{PUBLIC_PREFIX}.4"
+STUN_SERVERS = (f"{STUN_IP}:3478", f"{STUN2_IP}:3478")  # two, to tell cone from symmetric
+TURN_USER = "meshuser"
+TURN_PASS = "s3cret-relay-pass"
+RELAY_URL = f"turn:{TURN_USER}:{TURN_PASS}@{STUN_IP}:3478"
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -25,9 +30,9 @@ def sh(*args: str, input: str | None = None) -> None:
 
 def available() -> str | None:
     """Why the lab cannot run here, or None."""
-    for tool in ("ip", "nft", "turnserver"):
+    for tool in ("ip", "nft", "turnserver", "conntrack"):
         if shutil.which(tool) is None:
-            return f"needs {tool} (apt-get install -y iproute2 nftables coturn)"
+            return f"needs {tool} (apt-get install -y iproute2 nftables coturn conntrack)"
     if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
         return "needs root for network namespaces"
     return None
@@ -46,7 +51,10 @@ class NatLab:
     tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
     namespaces: list[str] = field(default_factory=list)
     procs: list[subprocess.Popen] = field(default_factory=list)
+    relay: subprocess.Popen | None = None  # the TURN server, when start_servers(relay=True)
     _hosts: int = 10
+    _servers_ns: str = ""
+    _log_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.wan = self._netns("wan")
@@ -136,6 +144,63 @@ table inet fw {{
         self.procs.append(proc)
         wait_until(lambda: _udp_listening(ns, listen_ip, port), timeout=20, interval=0.1, what=f"coturn on {port}")
         return proc
+
+    def start_servers(self, log_dir: Path, *, relay: bool) -> None:
+        """STUN at STUN_IP and STUN2_IP (two, to tell cone from symmetric); with `relay`, the first is
+        a TURN relay too (RELAY_URL)."""
+        self._log_dir = log_dir
+        self._servers_ns = self.public_site("turn" if relay else "stun", 3).ns
+        if relay:
+            self.start_relay()
+        else:
+            self.start_coturn(self._servers_ns, 3478, log_dir, listen_ip=STUN_IP)
+        self.start_coturn(self.public_site("stun2", 4).ns, 3478, log_dir, listen_ip=STUN2_IP)
+
+    def start_relay(self) -> None:
+        assert self._log_dir is not None and self.relay is None
+        self.relay = self.start_coturn(self._servers_ns, 3478, self._log_dir, user=f"{TURN_USER}:{TURN_PASS}")
+
+    def kill_relay(self) -> None:
+        """The relay dies, and every allocation on it."""
+        assert self.relay is not None
+        kill_process_tree(self.relay, grace=0, first=signal.SIGKILL)
+        wait_until(lambda: not _udp_listening(self._servers_ns, STUN_IP, 3478), timeout=10, interval=0.1,
+                   what="the relay gone")
+        self.relay = None
+
+    @property
+    def relay_ns(self) -> str:
+        """The namespace of the STUN/TURN server at STUN_IP (for a capture on its segment)."""
+        return self._servers_ns
+
+    def keep_ports(self, site: Site) -> None:
+        """The site's router stops randomizing ports for new flows and its flows start afresh, as
+        after they idle out, all but those to the relay's TURN port (3478): Linux then maps every
+        new flow of a socket as its remaining flow is mapped (one mapping per socket: hole punching
+        works), and the relayed path carries on meanwhile."""
+        assert site.router is not None
+        out = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "ip", "nat", "post"],
+                             capture_output=True, text=True, check=True).stdout
+        handle = next(line.rsplit("# handle ", 1)[1].strip() for line in out.splitlines() if "masquerade" in line)
+        wan_dev = out.split('oifname "', 1)[1].split('"', 1)[0]
+        sh("ip", "netns", "exec", site.router, "nft", "replace", "rule", "ip", "nat", "post", "handle", handle,
+           "oifname", wan_dev, "masquerade")
+        # No new flow out while the old ones go (one would take over an old flow's mapping).
+        sh("ip", "netns", "exec", site.router, "nft", "insert", "rule", "inet", "fw", "forward", "oifname", wan_dev,
+           "udp", "dport", "!=", "3478", "drop", "comment", '"keep-ports"')
+        flows = subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-L", "-p", "udp"],
+                               capture_output=True, text=True).stdout
+        for line in flows.splitlines():
+            f: dict[str, str] = {}
+            for key, _, value in (kv.partition("=") for kv in line.split() if "=" in kv):
+                f.setdefault(key, value)  # the first of each: the original direction
+            if f.get("dport") != "3478" and {"src", "dst", "sport", "dport"} <= f.keys():
+                subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-D", "-p", "udp", "-s", f["src"],
+                                "-d", f["dst"], "--sport", f["sport"], "--dport", f["dport"]], capture_output=True)
+        rules = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "inet", "fw",
+                                "forward"], capture_output=True, text=True, check=True).stdout
+        block = next(line.rsplit("# handle ", 1)[1].strip() for line in rules.splitlines() if "keep-ports" in line)
+        sh("ip", "netns", "exec", site.router, "nft", "delete", "rule", "inet", "fw", "forward", "handle", block)
 
     def close(self) -> None:
         for proc in self.procs:

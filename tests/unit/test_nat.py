@@ -58,7 +58,10 @@ def test_silent_servers_are_named() -> None:
 def test_gather_adds_the_public_mapping_except_for_symmetric_nat() -> None:
     host = [("10.0.0.2", 5000)]
     assert gather(host, ("203.0.113.9", 5000), "endpoint-independent") == [("10.0.0.2", 5000), ("203.0.113.9", 5000)]
-    assert gather(host, ("203.0.113.9", 41234), "symmetric") == host
+    # symmetric: not the STUN server's mapping, but our public IP with our own port (a NAT that keeps ports
+    # for new flows, or a forwarded port, answers there)
+    assert gather(host, ("203.0.113.9", 41234), "symmetric") == [("10.0.0.2", 5000), ("203.0.113.9", 5000)]
+    assert gather([("127.0.0.1", 5000)], ("203.0.113.9", 41234), "symmetric") == [("127.0.0.1", 5000)]
     assert gather(host, ("10.0.0.2", 5000), "no NAT") == host
 
 
@@ -108,3 +111,30 @@ def test_channel_data_framing() -> None:
     assert parse_channel_data(framed) == (0x4001, b"quic bytes")
     assert parse_channel_data(framed[:-1]) is None                # truncated
     assert parse_channel_data(b"\xc0" + framed[1:]) is None       # a QUIC long header, not a channel
+
+
+def test_status_text_shows_each_peers_path_and_bytes_each_way() -> None:
+    from common.messages import Announcement, PeerPath, PeerView
+    from meshctl.cli import render_status
+    ann = Announcement(node_id="b" * 64, seq=1, role="worker", version="x")
+    peer = PeerView(announcement=ann, connected=True, status="connected", rtt_ms=4.5,
+                    path=PeerPath(path="relayed", via="relay 203.0.113.3:3478", bytes_sent=1500, bytes_received=800))
+    tunnel = {"node_id": "b" * 64, "lane": "quic", "bytes_out": 2_000_000, "bytes_in": 3_500_000}
+    text = render_status({"meshd": {"node_id": "a" * 64, "peers": [peer.model_dump()]}, "electd": {}, "runnerd": {},
+                          "gatewayd": {"tunnels": [tunnel]}})
+    row = next(line for line in text.splitlines() if line.startswith("bbbbbbbb"))
+    assert "relayed quic" in row and "2.0M/3.5M" in row, text  # control + tunnel bytes, sent/received
+    assert "via relay 203.0.113.3:3478" in text
+
+
+def test_a_relay_is_not_asked_to_reach_itself_or_our_loopback() -> None:
+    from types import SimpleNamespace
+
+    from common.nat.reach import relay_can_reach
+    relay = SimpleNamespace(relayed=("203.0.113.3", 49200), server=("203.0.113.3", 3478))
+    assert relay_can_reach(relay, ("203.0.113.101", 5000))
+    assert not relay_can_reach(relay, ("203.0.113.3", 49300))  # another node's relayed address there: coturn refuses
+    assert not relay_can_reach(relay, ("127.0.0.1", 5000))
+    assert not relay_can_reach(relay, ("10.0.3.2", 5000))  # a public relay cannot reach a home LAN
+    lan_relay = SimpleNamespace(relayed=("192.168.1.5", 49200), server=("192.168.1.5", 3478))
+    assert relay_can_reach(lan_relay, ("192.168.1.20", 5000))
