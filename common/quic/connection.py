@@ -243,8 +243,10 @@ class QuicPeerConnection:
         if addr == self._send_address:
             if self._quic_peer_address is not None:
                 addr = self._quic_peer_address  # where qh3 believes the peer is (move_to)
-            if path is not self.path:
-                self.path = path  # the peer now reaches us another way (it moved off a relay): answer that way
+            if path is not self.path and not self.dialed:
+                # the peer now reaches us another way (it moved off a relay): answer that way. A dialer
+                # picks its own path (use_path, move_to): replies still in flight on the old one don't count.
+                self.path = path
         if addr != self._last_addr or self._path_by_addr.get(addr) is not path:
             self._feed()  # one address per qh3 call
             self._last_addr = addr
