@@ -13,7 +13,7 @@ dialer is a member and that it serves that kind, connects to the target, and ans
 verdict frame; then both sides splice raw bytes.
 
 Setup runs on the event loop. An established TLS tunnel is then pumped by two blocking threads
-(`_TlsPump`), which cuts the per-message cost of the two Python hops; TLS runs on `ssl.SSLObject`
+(`TlsPump`), which cuts the per-message cost of the two Python hops; TLS runs on `ssl.SSLObject`
 over the raw socket, since close_notify is a half-close in TLS 1.3 and asyncio's SSL transport
 cannot half-close. The QUIC lane's splice is protocol-based (asyncio Protocol callbacks writing
 straight into the other transport; no coroutine per chunk). Both carry half-close and apply
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import ipaddress
 import logging
 import socket
 import ssl
@@ -32,13 +31,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
-from common.frames import FrameDecoder, FrameError, FrameEOF, encode_frame, read_frame
-from common.identity import AuthError, NodeIdentity, node_id_of_cert
+from common.frames import FrameError, encode_frame, read_frame
+from common.identity import AuthError, NodeIdentity
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 from common.nat.candidates import gather
 from common.nat.reach import EndpointReach, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
+from services.gatewayd.sockets import (Target, accept_on_loop, announce_hosts, connect_local, describe_target,
+                                       race_tcp_connect, set_nodelay, stop_accepting)
+from services.gatewayd.tls_lane import HANDSHAKE_FRAME_MAX, TlsPump, TlsSetup
 
 log = logging.getLogger("mesh.tunnels")
 
@@ -52,18 +54,9 @@ STRANGER_TIMEOUT = 3.0        # TLS handshake + the dialer's signed answer (the 
 MAX_UNAUTHENTICATED = 64      # TLS-lane connections still proving themselves, all sources together
 MAX_UNAUTHENTICATED_PER_SOURCE = 16
 TARGET_CONNECT_TIMEOUT = 5.0
-RACE_STAGGER = 0.25           # between attempts at a peer's successive addresses
 TCP_RETRY_AFTER = 60.0        # a peer that needed QUIC gets TCP tried again after this
-HANDSHAKE_FRAME_MAX = 64 << 10
-READ_BYTES = 256 << 10        # one recv during tunnel setup
-TLS_RECORD_BYTES = 16 << 10   # the most plaintext one TLS record carries
 WRITE_HIGH_WATER = 1 << 20    # of the QUIC lane's splice
 WRITE_LOW_WATER = 256 << 10
-PUMP_BYTES = 256 << 10        # one recv of the TLS lane's pump, passed on whole while the next hop
-                              # works on the one before (64 KiB: more wake-ups, slower)
-
-
-Target = tuple[str, int] | str  # a local service: (host, port) on TCP, or a Unix socket path
 
 
 @dataclass
@@ -83,256 +76,10 @@ class _PeerStats:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # pump threads count too
 
 
-def _set_nodelay(sock: socket.socket | None) -> None:
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-
-
-# --- TLS on ssl.SSLObject ----------------------------------------------------------------------
-
-class _TlsSetup:
-    """TLS handshake and the framed auth exchange, as coroutines over a non-blocking socket."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool):
-        self.loop = asyncio.get_running_loop()
-        self.sock = sock
-        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=server_side)
-        self.decoder = FrameDecoder(HANDSHAKE_FRAME_MAX)
-        self._peer_eof = False
-
-    async def _flush(self) -> None:
-        data = self.outgoing.read()
-        if data:
-            await self.loop.sock_sendall(self.sock, data)
-
-    async def _receive(self) -> None:
-        data = await self.loop.sock_recv(self.sock, READ_BYTES)
-        if not data:
-            raise ConnectionResetError("peer closed the connection during tunnel setup")
-        self.incoming.write(data)
-
-    async def handshake(self) -> None:
-        while True:
-            try:
-                self.ssl.do_handshake()
-                break
-            except ssl.SSLWantReadError:
-                await self._flush()
-                await self._receive()
-        await self._flush()
-
-    def peer_node_id(self) -> str:
-        der = self.ssl.getpeercert(binary_form=True)
-        if not der:
-            raise AuthError("TLS peer presented no certificate")
-        return node_id_of_cert(der)
-
-    async def send(self, *frames: dict) -> None:
-        self.ssl.write(b"".join(encode_frame(frame) for frame in frames))
-        await self._flush()
-
-    async def read_frame(self) -> dict:
-        while True:
-            frame = self.decoder.next_frame()
-            if frame is not None:
-                return frame
-            if self._peer_eof:
-                raise FrameEOF("peer ended the TLS stream during tunnel setup")
-            try:
-                chunk = self.ssl.read(TLS_RECORD_BYTES)
-            except ssl.SSLWantReadError:
-                await self._flush()  # TLS may owe the peer something (e.g. a key update)
-                await self._receive()
-                continue
-            except ssl.SSLZeroReturnError:
-                chunk = b""
-            if not chunk:
-                self._peer_eof = True
-                continue
-            self.decoder.feed(chunk)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def _accept_on_loop(listener: socket.socket, on_accept: Callable[[socket.socket], Any]) -> None:
-    """Accept from the event loop's reader callback. Not loop.sock_accept: cancelling that while the
-    kernel hands over a connection drops the connection (InvalidStateError in asyncio), and its
-    client then waits for a reply that never comes."""
-    def readable() -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                log.warning("accepting a tunnel connection failed: %s", exc)
-                return
-            sock.setblocking(False)
-            _set_nodelay(sock)
-            on_accept(sock)
-    asyncio.get_running_loop().add_reader(listener.fileno(), readable)
-
-
-def _stop_accepting(listener: socket.socket) -> None:
-    asyncio.get_running_loop().remove_reader(listener.fileno())
-    listener.close()
-
-
-class _TlsPump:
-    """Copies an established TLS tunnel's bytes on two blocking threads, one per direction.
-
-    The threads drop the GIL in recv/send and in OpenSSL's read/write, so a message costs a
-    thread wake-up per hop instead of an event-loop pass, and one hop's encryption overlaps the
-    next hop's decryption (decode tok/s of llama.cpp RPC: see bench/bench_rpc.py).
-    Half-close: local EOF becomes close_notify plus TCP SHUT_WR; the peer's close_notify becomes
-    SHUT_WR of the local socket. Any error, a FIN without close_notify included, aborts both
-    sockets. Backpressure is the blocking send: at most one buffer per direction is held here.
-    """
-
-    def __init__(self, splice: "_Splice", setup: _TlsSetup, local: socket.socket):
-        self.splice = splice
-        self.stats = splice.stats
-        self.loop = setup.loop
-        self.local, self.remote = local, setup.sock
-        self.ssl, self.incoming, self.outgoing = setup.ssl, setup.incoming, setup.outgoing
-        self.setup_rest = setup.decoder.take_rest()
-        self.setup_eof = setup._peer_eof
-        self.ssl_lock = threading.Lock()    # the SSLObject and its BIOs are shared by both threads
-        self.send_lock = threading.Lock()   # records go on the wire in the order they were made
-        self.state_lock = threading.Lock()  # `running` and the sockets, against abort() from the loop
-        self.running = 0
-        self.aborted = False
-
-    def start(self) -> None:
-        # Records decrypted or left undecrypted during setup: drain them here, so that the BIO
-        # never holds a whole record while ssl_lock is free (see _send).
-        plain, eof = [self.setup_rest] if self.setup_rest else [], self.setup_eof
-        while not eof:
-            try:
-                data = self.ssl.read(TLS_RECORD_BYTES)
-            except ssl.SSLWantReadError:
-                break
-            except ssl.SSLZeroReturnError:
-                data = b""
-            if not data:
-                eof = True
-            plain.append(data)
-        for sock in (self.local, self.remote):
-            sock.setblocking(True)
-        self.running = 2
-        threading.Thread(target=self._run, args=(self._upstream,), name="tunnel-up", daemon=True).start()
-        threading.Thread(target=self._run, args=(self._downstream, b"".join(plain), eof),
-                         name="tunnel-down", daemon=True).start()
-
-    def abort(self, exc: BaseException | None = None) -> None:
-        """Stop both directions: shutting the sockets down wakes the threads blocked on them."""
-        with self.state_lock:
-            if self.aborted or not self.running:
-                return
-            self.aborted = True
-            if exc is not None:
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            for sock in (self.local, self.remote):
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def _run(self, direction: Callable[..., None], *args: Any) -> None:
-        try:
-            direction(*args)
-        except Exception as exc:  # OSError, ssl.SSLError, ...: the tunnel is broken either way
-            self.abort(exc)
-        with self.state_lock:
-            self.running -= 1
-            last = not self.running
-            if last:
-                self.local.close()
-                self.remote.close()
-        if last:
-            try:
-                self.loop.call_soon_threadsafe(self.splice.pump_finished)
-            except RuntimeError:
-                pass  # the event loop is closed: so is the service
-
-    def _upstream(self) -> None:
-        """Local socket -> peer; the local EOF becomes close_notify and a TCP half-close."""
-        buffer = bytearray(PUMP_BYTES)
-        view = memoryview(buffer)
-        recv_into, stats = self.local.recv_into, self.stats
-        while count := recv_into(buffer):
-            with stats.lock:
-                stats.bytes_out += count
-            self._send(view[:count])
-        self._send(None)
-        self.remote.shutdown(socket.SHUT_WR)
-
-    def _send(self, plain: bytes | memoryview | None) -> None:
-        """Encrypt and send `plain`; None: close_notify; empty: what TLS itself owes the peer."""
-        with self.send_lock:
-            with self.ssl_lock:
-                if plain is None:
-                    # A second SSL_shutdown inside unwrap() reads, and would drop application
-                    # records waiting in the BIO; _downstream leaves none there between turns.
-                    try:
-                        self.ssl.unwrap()
-                    except ssl.SSLWantReadError:
-                        pass  # close_notify is queued; the peer's data keeps coming
-                elif plain:
-                    self.ssl.write(plain)
-                records = self.outgoing.read()
-            if records:
-                self.remote.sendall(records)
-
-    def _downstream(self, setup_plain: bytes, eof: bool) -> None:
-        """Peer -> local socket; the peer's close_notify becomes a TCP half-close."""
-        if setup_plain:
-            self._deliver(setup_plain)
-        buffer = bytearray(PUMP_BYTES)
-        view = memoryview(buffer)
-        # The plaintext of one recv plus that of the partial record left from the one before.
-        plain = memoryview(bytearray(PUMP_BYTES + 2 * TLS_RECORD_BYTES))
-        recv_into, write, read = self.remote.recv_into, self.incoming.write, self.ssl.read
-        while not eof:
-            count = recv_into(buffer)
-            if not count:
-                raise ConnectionResetError("TLS peer closed TCP without close_notify")
-            filled = 0
-            with self.ssl_lock:
-                write(view[:count])
-                while True:  # every whole record in the BIO, before the lock is let go
-                    try:
-                        got = read(TLS_RECORD_BYTES, plain[filled:filled + TLS_RECORD_BYTES])
-                    except ssl.SSLWantReadError:
-                        break
-                    except ssl.SSLZeroReturnError:
-                        got = 0
-                    if not got:
-                        eof = True
-                        break
-                    filled += got
-                owed = self.outgoing.pending
-            if owed:
-                self._send(b"")  # post-handshake TLS messages
-            if filled:
-                self._deliver(plain[:filled])
-        self.local.shutdown(socket.SHUT_WR)
-
-    def _deliver(self, data: bytes | memoryview) -> None:
-        with self.stats.lock:
-            self.stats.bytes_in += len(data)
-        self.local.sendall(data)
-
-
 # --- splicing ------------------------------------------------------------------------------------
 
 class _Splice:
-    """A local TCP connection joined to a tunnel: a _TlsPump (TLS lane) or a transport (QUIC lane)."""
+    """A local TCP connection joined to a tunnel: a TlsPump (TLS lane) or a transport (QUIC lane)."""
 
     def __init__(self, service: "TunnelService", peer_id: str, stats: _PeerStats, forward_port: int | None):
         self.service = service
@@ -343,7 +90,7 @@ class _Splice:
         self.local_sock: socket.socket | None = None  # the local connection until a lane takes it
         self.local: asyncio.Transport | None = None
         self.remote: asyncio.Transport | None = None
-        self.pump: _TlsPump | None = None
+        self.pump: TlsPump | None = None
         self.local_side = _SpliceSide(self, is_remote=False)
         self.remote_side = _SpliceSide(self, is_remote=True)
         self.setup_task: asyncio.Task | None = None
@@ -370,11 +117,11 @@ class _Splice:
             return
         self.local.resume_reading()
 
-    def attach_pump(self, setup: _TlsSetup) -> None:
+    def attach_pump(self, setup: TlsSetup) -> None:
         """Start copying between the local socket and an authenticated TLS connection."""
         assert self.local_sock is not None
         local, self.local_sock = self.local_sock, None
-        self.pump = _TlsPump(self, setup, local)
+        self.pump = TlsPump(self, setup, local)
         self.stats.streams += 1
         self.counted = True
         self.pump.start()
@@ -418,7 +165,7 @@ class _SpliceSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self.is_remote:
             self.splice.local = transport  # type: ignore[assignment]
-            _set_nodelay(transport.get_extra_info("socket"))
+            set_nodelay(transport.get_extra_info("socket"))
             transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
             if self.peer is None:
                 transport.pause_reading()  # type: ignore[attr-defined]
@@ -535,7 +282,7 @@ class TunnelService:
             listener.close()
             raise
         self._tcp_listener = listener
-        _accept_on_loop(listener, self._accept_tls)
+        accept_on_loop(listener, self._accept_tls)
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
                                   authorize=self._authorize_quic, on_connection=self._on_quic_connection)
         await self._quic.start()
@@ -543,7 +290,7 @@ class TunnelService:
         await self.reach.discover(self.stun)
         tcp_port = listener.getsockname()[1]
         quic_port = self._quic.local_address[1]
-        hosts = _announce_hosts(self.bind_host)
+        hosts = announce_hosts(self.bind_host)
         quic = gather([(h, quic_port) for h in hosts], self.reach.nat.public, self.reach.nat.behaviour)
         self.relays, self.relay_failures = await open_relays(self._quic, self.relay_urls)
         self.direct_quic = quic
@@ -602,7 +349,7 @@ class TunnelService:
         for allocation in self.relays:
             await allocation.close()
         if self._tcp_listener is not None:
-            _stop_accepting(self._tcp_listener)
+            stop_accepting(self._tcp_listener)
             self._tcp_listener = None
         if self._quic is not None:
             await self._quic.close()
@@ -658,7 +405,7 @@ class TunnelService:
             self._splices.add(splice)
             splice.setup_task = self._spawn(self._connect_splice(splice, peer, kind))
 
-        _accept_on_loop(listener, new_local_connection)
+        accept_on_loop(listener, new_local_connection)
         self._forwards[port] = listener
         return port
 
@@ -666,7 +413,7 @@ class TunnelService:
         listener = self._forwards.pop(port, None)
         if listener is None:
             return
-        _stop_accepting(listener)
+        stop_accepting(listener)
         for splice in [s for s in self._splices if s.forward_port == port]:
             splice.close(abort=True)
 
@@ -746,9 +493,9 @@ class TunnelService:
             addrs.insert(0, good)
         mismatches = []
         while addrs:
-            sock, addr = await _race_tcp_connect(addrs, TCP_CONNECT_TIMEOUT)
+            sock, addr = await race_tcp_connect(addrs, TCP_CONNECT_TIMEOUT)
             addrs.remove(addr)
-            setup = _TlsSetup(sock, self._client_tls, server_side=False)
+            setup = TlsSetup(sock, self._client_tls, server_side=False)
 
             async def authenticate() -> dict:
                 await setup.handshake()
@@ -879,7 +626,7 @@ class TunnelService:
         task.cancel()  # _serve_tls closes the socket
 
     async def _serve_tls(self, sock: socket.socket) -> None:
-        setup = _TlsSetup(sock, self._server_tls, server_side=True)
+        setup = TlsSetup(sock, self._server_tls, server_side=True)
         splice: _Splice | None = None
         try:
             verdict = await asyncio.wait_for(self._authenticate_tls_dialer(setup), SETUP_TIMEOUT)
@@ -902,7 +649,7 @@ class TunnelService:
         stats.lane = LANE_TCP
         splice.attach_pump(setup)
 
-    async def _authenticate_tls_dialer(self, setup: _TlsSetup) -> tuple[_Splice, _PeerStats] | None:
+    async def _authenticate_tls_dialer(self, setup: TlsSetup) -> tuple[_Splice, _PeerStats] | None:
         """Challenge the dialer, check the tunnel header, connect the target, send the verdict."""
         async def prove() -> tuple[str, dict]:
             await setup.handshake()
@@ -923,9 +670,9 @@ class TunnelService:
         splice.kind = header["kind"]  # type: ignore[index]
         self._splices.add(splice)
         try:
-            splice.local_sock = await _connect_local(target, TARGET_CONNECT_TIMEOUT)  # type: ignore[arg-type]
+            splice.local_sock = await connect_local(target, TARGET_CONNECT_TIMEOUT)  # type: ignore[arg-type]
         except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"local {header['kind']} service at {_describe(target)} is not reachable: {exc}"  # type: ignore[index]
+            reason = f"local {header['kind']} service at {describe_target(target)} is not reachable: {exc}"  # type: ignore[index]
             stats.last_error = reason
             splice.close(abort=True)
             await setup.send({"type": "verdict", "ok": False, "reason": reason})
@@ -978,7 +725,7 @@ class TunnelService:
         try:
             await self._connect_target(splice, target)  # type: ignore[arg-type]
         except (OSError, asyncio.TimeoutError) as exc:
-            reason = f"local {header['kind']} service at {_describe(target)} is not reachable: {exc}"  # type: ignore[index]
+            reason = f"local {header['kind']} service at {describe_target(target)} is not reachable: {exc}"  # type: ignore[index]
             stats.last_error = reason
             writer.write(encode_frame({"type": "verdict", "ok": False, "reason": reason}))
             writer.close()
@@ -992,106 +739,3 @@ class TunnelService:
         transport = writer.transport
         splice.attach(transport)  # type: ignore[arg-type]
         transport.set_protocol(splice.remote_side)
-
-
-async def _race_tcp_connect(addrs: list[tuple[str, int]], timeout: float) -> tuple[socket.socket, tuple[str, int]]:
-    """Connect to the first of `addrs` that answers, starting one attempt every RACE_STAGGER s."""
-    async def attempt(addr: tuple[str, int]) -> tuple[socket.socket, tuple[str, int]]:
-        return await _connect_tcp(addr, timeout), addr
-
-    pending: set[asyncio.Task] = set()
-    errors: list[str] = []
-    queue = list(addrs)
-    winner: tuple[socket.socket, tuple[str, int]] | None = None
-    try:
-        while (queue or pending) and winner is None:
-            if queue:
-                pending.add(asyncio.ensure_future(attempt(queue.pop(0))))
-            done, pending = await asyncio.wait(pending, timeout=RACE_STAGGER if queue else None,
-                                               return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                exc = task.exception()
-                if exc is not None:
-                    errors.append(str(exc) or type(exc).__name__)
-                elif winner is None:
-                    winner = task.result()
-                else:
-                    task.result()[0].close()  # a second connection that finished at the same time
-    finally:
-        for task in pending:
-            task.cancel()
-            task.add_done_callback(_close_raced_socket)
-    if winner is not None:
-        return winner
-    raise ConnectionError("TCP: " + ("; ".join(errors) or "no address"))
-
-
-def _describe(target: Target | None) -> str:
-    return target if isinstance(target, str) else f"{target[0]}:{target[1]}" if target else "?"
-
-
-async def _connect_local(target: Target, timeout: float) -> socket.socket:
-    """A connected non-blocking socket to a local service: (host, port) over TCP, or a Unix socket path."""
-    if not isinstance(target, str):
-        return await _connect_tcp(target, timeout)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, target), timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _connect_tcp(addr: tuple[str, int], timeout: float) -> socket.socket:
-    """A connected non-blocking TCP socket with TCP_NODELAY, to the first of addr's addresses."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(addr[0], addr[1], type=socket.SOCK_STREAM)
-    family, _, _, _, sockaddr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        _set_nodelay(sock)
-        await asyncio.wait_for(loop.sock_connect(sock, sockaddr), timeout)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _close_raced_socket(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result()[0].close()
-
-
-def _announce_hosts(bind_host: str) -> list[str]:
-    """Addresses peers may use for us: the bound one, or for a wildcard bind every interface
-    address (routable ones first, loopback last)."""
-    try:
-        ip = ipaddress.ip_address(bind_host)
-    except ValueError:
-        return [bind_host]
-    if not ip.is_unspecified:
-        return [bind_host]
-    hosts: list[str] = []
-    try:
-        import psutil
-        for addresses in psutil.net_if_addrs().values():
-            for address in addresses:
-                if address.family == socket.AF_INET or (ip.version == 6 and address.family == socket.AF_INET6):
-                    host = address.address.split("%", 1)[0]
-                    if host not in hosts:
-                        hosts.append(host)
-    except Exception:  # psutil missing or failing: fall back to what the resolver knows
-        try:
-            hosts = socket.gethostbyname_ex(socket.gethostname())[2]
-        except OSError:
-            hosts = []
-    def loopback_or_link_local(host: str) -> bool:
-        address = ipaddress.ip_address(host)
-        return address.is_loopback or address.is_link_local
-    hosts.sort(key=loopback_or_link_local)
-    if not any(ipaddress.ip_address(h).is_loopback for h in hosts):
-        hosts.append("127.0.0.1")
-    return hosts
