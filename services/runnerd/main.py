@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import socket
 import time
@@ -30,14 +29,14 @@ from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
 from common.messages import (Announcement, ChildState, DecodeRate, GatewayState, MeshState, Plan, Reply, RunnerState,
-                             SpeculationState, StatusRequest, WeightLoad)
+                             SpeculationState, StatusRequest)
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
 from common.rpc_policy import rpc_allowed
 from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
 from services.runnerd.memory import Offer, detect_memory
-from services.runnerd.placement import device_placement
+from services.runnerd.llama_log import device_placement, load_progress_text, weight_loads
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
 from services.runnerd.throughput import decode_totals, recent_rate
 
@@ -497,32 +496,6 @@ class Runnerd:
         self.bus.close()
         if failure:
             raise SystemExit(1)
-
-
-LOAD_PROGRESS = re.compile(r"load progress: [^\n]*?(\d+)%")
-
-
-def load_progress_text(llama_log: str, seconds: int) -> str:
-    """What status shows while llama-server loads: the last percentage it logged (patch 0003), and time."""
-    percents = LOAD_PROGRESS.findall(llama_log)
-    return f"loading the model: {percents[-1]}% ({seconds} s)" if percents else f"loading the model ({seconds} s)"
-
-
-GGUF_SUMMARY = re.compile(r"rpc-gguf: summary hits=(\d+) misses=(\d+) hit_bytes=(\d+) miss_bytes=(\d+) "
-                          r"endpoint=(\S+)")
-
-
-def weight_loads(llama_log: str, rpc_endpoints: dict[str, str]) -> list[WeightLoad]:
-    """Sum the patch's per-endpoint load summaries and name each endpoint's worker (by its --rpc endpoint)."""
-    node_by_endpoint = {endpoint: node_id for node_id, endpoint in rpc_endpoints.items()}
-    loads: dict[str, WeightLoad] = {}
-    for _, misses, hit_bytes, miss_bytes, endpoint in GGUF_SUMMARY.findall(llama_log):
-        node_id = node_by_endpoint.get(endpoint, endpoint)
-        w = loads.setdefault(node_id, WeightLoad(node_id=node_id))
-        w.local_bytes += int(hit_bytes)
-        w.sent_bytes += int(miss_bytes)
-        w.misses += int(misses)
-    return list(loads.values())
 
 
 def _connectable(bind_host: str) -> str:

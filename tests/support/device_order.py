@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 from gguf import GGUFReader
 
-from services.runnerd.placement import device_placement
+from services.runnerd.llama_log import device_placement
 
 MIB = 1 << 20
 LOCAL_DEVICE = re.compile(r"^[A-Za-z]+\d+$")  # CUDA0, MTL0, Vulkan0 — not CPU_Mapped or CUDA_Host

@@ -151,7 +151,7 @@ def test_missing_tunnel_means_not_ready():
 
 
 def test_weight_loads_sum_the_patch_summaries_per_worker():
-    from services.runnerd.main import weight_loads
+    from services.runnerd.llama_log import weight_loads
     log_text = ("0.01 W rpc-gguf: summary hits=60 misses=0 hit_bytes=1000 miss_bytes=0 endpoint=127.0.0.1:4001\n"
                 "0.02 W rpc-gguf: summary hits=5 misses=2 hit_bytes=100 miss_bytes=50 endpoint=127.0.0.1:4001\n"
                 "0.03 W rpc-gguf: summary hits=1 misses=0 hit_bytes=7 miss_bytes=0 endpoint=127.0.0.1:4999\n"
@@ -195,7 +195,7 @@ def test_only_the_plans_host_over_a_live_link_is_in_a_workers_allow_file():
 
 
 def test_load_progress_shows_the_last_percentage_llama_server_logged():
-    from services.runnerd.main import load_progress_text
+    from services.runnerd.llama_log import load_progress_text
     assert load_progress_text("main: loading model\n", 2) == "loading the model (2 s)"
     log_text = ("srv    load_model: load progress:  0%\nsrv    load_model: load progress:  37%\n"
                 "srv    load_model: load progress: tensors 85%\n")
@@ -203,7 +203,7 @@ def test_load_progress_shows_the_last_percentage_llama_server_logged():
 
 
 def test_placement_names_each_device_by_whose_it_is():
-    from services.runnerd.placement import device_placement
+    from services.runnerd.llama_log import device_placement
     log = ("load_tensors: offloaded 33/33 layers to GPU\n"
            "load_tensors:   CPU_Mapped model buffer size =    70.31 MiB\n"
            "load_tensors: RPC0[127.0.0.1:5001] model buffer size =  1000.00 MiB\n"
