@@ -75,7 +75,6 @@ def test_well_formed_lies_from_a_member_are_not_believed(node, tmp_path):
     """A member that holds the secret sends signed-looking announcements for nodes it is not, its own
     announcement altered, replays, garbage rotations: none is believed, all are counted."""
     import base64
-    import time
 
     from common.messages import Announcement
     from services.meshd.gossip import sign_announcement, sign_rotation

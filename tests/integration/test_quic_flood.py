@@ -10,7 +10,6 @@ challenge — while a member dials, or joins a real node.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import ssl
 import time
