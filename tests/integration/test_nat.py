@@ -41,20 +41,14 @@ def open_lab(tmp_path: Path, *, relay: bool):
 
 @pytest.fixture
 def lab(tmp_path):
-    lab = open_lab(tmp_path, relay=False)
-    try:
+    with contextlib.closing(open_lab(tmp_path, relay=False)) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @pytest.fixture
 def relay_lab(tmp_path):
-    lab = open_lab(tmp_path, relay=True)
-    try:
+    with contextlib.closing(open_lab(tmp_path, relay=True)) as lab:
         yield lab
-    finally:
-        lab.close()
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ connection (through our relay, and to the peer's relayed address), and a relay t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 
@@ -49,6 +50,22 @@ async def echo(reader, writer):
     writer.write_eof()
 
 
+@contextlib.asynccontextmanager
+async def two_endpoints(tmp_path):
+    """Nodes a and b, each with a QUIC endpoint on loopback that echoes every stream: (a, b, ea, eb, b's address)."""
+    a, b = NodeIdentity.load_or_create(tmp_path / "a"), NodeIdentity.load_or_create(tmp_path / "b")
+    serve = lambda c: setattr(c, "on_stream", echo)  # noqa: E731
+    ea = QuicEndpoint(a, alpn="t/1", host="127.0.0.1", on_connection=serve)
+    eb = QuicEndpoint(b, alpn="t/1", host="127.0.0.1", on_connection=serve)
+    await ea.start()
+    addr_b = await eb.start()
+    try:
+        yield a, b, ea, eb, addr_b
+    finally:
+        await ea.close()
+        await eb.close()
+
+
 async def exchange(connection, payload: bytes) -> bytes:
     reader, writer = await connection.open_stream()
     writer.write(payload)
@@ -58,16 +75,10 @@ async def exchange(connection, payload: bytes) -> bytes:
 
 def test_quic_through_the_relay_then_direct(coturn, tmp_path):
     coturn, _ = coturn
-    a, b = NodeIdentity.load_or_create(tmp_path / "a"), NodeIdentity.load_or_create(tmp_path / "b")
 
     async def main():
-        serve = lambda c: setattr(c, "on_stream", echo)  # noqa: E731
-        ea = QuicEndpoint(a, alpn="t/1", host="127.0.0.1", on_connection=serve)
-        eb = QuicEndpoint(b, alpn="t/1", host="127.0.0.1", on_connection=serve)
-        await ea.start()
-        addr_b = await eb.start()
-        EndpointReach(ea), EndpointReach(eb)
-        try:
+        async with two_endpoints(tmp_path) as (a, b, ea, eb, addr_b):
+            EndpointReach(ea), EndpointReach(eb)
             with pytest.raises(TurnError, match="refused the credentials"):
                 await open_allocation(ea, f"turn:mesh:wrong@127.0.0.1:{coturn}")
             relay = await open_allocation(ea, f"turn:mesh:pw@127.0.0.1:{coturn}")
@@ -97,9 +108,6 @@ def test_quic_through_the_relay_then_direct(coturn, tmp_path):
             assert relay.bytes_out - before < 2000  # at most what was in flight at the switch
             assert tuple(seen_by_b.remote_address) == ea.local_address  # b follows the migration
             await relay.close()
-        finally:
-            await ea.close()
-            await eb.close()
 
     asyncio.run(main())
 
@@ -109,15 +117,9 @@ def test_an_allocation_comes_back_when_its_relay_restarts(coturn, tmp_path):
     once the relay is back, tells its owner (a new relayed address to announce), and connections
     through the new allocation work."""
     port, procs = coturn
-    a, b = NodeIdentity.load_or_create(tmp_path / "a"), NodeIdentity.load_or_create(tmp_path / "b")
 
     async def main():
-        serve = lambda c: setattr(c, "on_stream", echo)  # noqa: E731
-        ea = QuicEndpoint(a, alpn="t/1", host="127.0.0.1", on_connection=serve)
-        eb = QuicEndpoint(b, alpn="t/1", host="127.0.0.1", on_connection=serve)
-        await ea.start()
-        addr_b = await eb.start()
-        try:
+        async with two_endpoints(tmp_path) as (a, b, ea, eb, addr_b):
             relay = await open_allocation(ea, f"turn:mesh:pw@127.0.0.1:{port}")
             changes = []
             relay.on_change = lambda: changes.append(relay.relayed)
@@ -134,8 +136,5 @@ def test_an_allocation_comes_back_when_its_relay_restarts(coturn, tmp_path):
             relayed = await ea.dial(addr_b, expected_node_id=b.node_id, path=relay)
             assert await exchange(relayed, b"back again" * 500) == b"back again" * 500
             await relay.close()
-        finally:
-            await ea.close()
-            await eb.close()
 
     asyncio.run(main())
