@@ -204,23 +204,24 @@ def test_firefox_follows_the_join_without_a_reload(world, firefox, artifacts):
     firefox.set_window_size(1280, 1000)
 
 
+def show_and_copy_token(driver, token: str):
+    """Show this node's token (it must be `token`), copy it, and return the box that shows it."""
+    driver.find_element(ID, "show-token").click()
+    box = driver.find_element(ID, "token-box")
+    wait_until(lambda: box.get_property("value"), timeout=10, what="the token shown")
+    assert box.get_property("value") == token
+    driver.find_element(ID, "copy-token").click()
+    wait_text(driver, "#invite-msg", "Copied")
+    return box
+
+
 @needs_firefox
 def test_firefox_shows_and_copies_the_token(world, firefox):
-    firefox.find_element(ID, "show-token").click()
-    box = firefox.find_element(ID, "token-box")
-    wait_until(lambda: box.get_property("value"), timeout=10, what="the token shown in Firefox")
-    assert box.get_property("value") == world["a"].token()
-    firefox.find_element(ID, "copy-token").click()
-    wait_text(firefox, "#invite-msg", "Copied")
+    show_and_copy_token(firefox, world["a"].token())
 
 
 def test_token_is_shown_copied_and_rotated(world, browser):
-    browser.find_element(ID, "show-token").click()
-    box = browser.find_element(ID, "token-box")
-    wait_until(lambda: box.get_attribute("value"), timeout=10, what="the token shown")
-    assert box.get_attribute("value") == world["a"].token()
-    browser.find_element(ID, "copy-token").click()
-    wait_text(browser, "#invite-msg", "Copied")
+    box = show_and_copy_token(browser, world["a"].token())
     old = box.get_attribute("value")
     browser.find_element(ID, "rotate-token").click()
     wait_until(lambda: box.get_attribute("value") != old, timeout=10, what="a rotated token")
