@@ -57,13 +57,18 @@ def mesh_view(mesh: MeshState | None, plan: Plan | None, runner: RunnerState | N
                       "status": "this node", "placement": placement(a.node_id)})
     for peer in (mesh.peers if mesh else []):
         a = peer.announcement
-        t = tunnels.get(a.node_id)
+        t, via = tunnels.get(a.node_id), peer.path
         match = None if a.role == "client" or not a.model_fingerprint else a.model_fingerprint == my_fp
         nodes.append({"node_id": a.node_id, "me": False, "role": role(a.node_id, a.role),
                       "memory_bytes": a.memory_bytes, "memory_source": "announced by the node",
                       "model": a.model_name, "fingerprint": a.model_fingerprint, "model_match": match,
                       "connected": peer.connected, "rtt_ms": peer.rtt_ms, "lane": t.lane if t else "",
-                      "bytes_in": t.bytes_in if t else 0, "bytes_out": t.bytes_out if t else 0,
+                      "path": via.path if via else "", "relay": via.via if via and via.path == "relayed" else "",
+                      "rpc_path": runner.rpc_paths.get(a.node_id, "") if runner else "",
+                      # the mesh connection and the tunnels, as `meshctl status` counts them (a direct TLS
+                      # RPC path to a worker is llama.cpp's own connection: nobody counts its bytes)
+                      "bytes_in": (t.bytes_in if t else 0) + (via.bytes_received if via else 0),
+                      "bytes_out": (t.bytes_out if t else 0) + (via.bytes_sent if via else 0),
                       "status": peer.status, "placement": placement(a.node_id)})
     errors = []
     for name, err in (("meshd", mesh and mesh.errors), ("runnerd", runner and runner.error),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.messages import (Announcement, DecodeRate, Exclusion, GatewayState, MeshState, ModelInfo, PeerView, Plan,
-                             PlanMember, RunnerState, TunnelStats)
+from common.messages import (Announcement, DecodeRate, Exclusion, GatewayState, MeshState, ModelInfo, PeerPath,
+                             PeerView, Plan, PlanMember, RunnerState, TunnelStats)
 from services.console.app import tokens_per_second
 from services.console.downloads import RateMeter, disk_space_problem, download_paths, safe_file_name, verify_download
 from services.console.live import mesh_view
@@ -192,6 +192,14 @@ def test_mesh_view_of_a_split_with_an_excluded_node_and_a_client():
     assert nodes[worker]["role"] == "worker" and nodes[worker]["model_match"] is True
     assert nodes[worker]["lane"] == "tcp" and nodes[worker]["bytes_out"] == 20 and nodes[worker]["rtt_ms"] == 1.5
     assert "33%" in nodes[worker]["placement"]
+    # a relayed peer: its path and relay, and the mesh connection's bytes added to the tunnels'
+    relayed = mesh.model_copy(update={"peers": [PeerView(
+        announcement=announcement(worker), connected=True, status="connected",
+        path=PeerPath(path="relayed", via="203.0.113.5:3478", bytes_sent=100, bytes_received=7))]})
+    with_rpc = runner.model_copy(update={"rpc_paths": {worker: "direct TLS 10.0.0.2:5000"}})
+    row = mesh_view(relayed, plan, with_rpc, gateway, {})["nodes"][1]
+    assert (row["path"], row["relay"], row["rpc_path"]) == ("relayed", "203.0.113.5:3478", "direct TLS 10.0.0.2:5000")
+    assert (row["bytes_in"], row["bytes_out"]) == (17, 120)
     assert nodes[other]["model_match"] is False and "different model" in nodes[other]["placement"]
     assert nodes[client]["role"] == "lite client" and nodes[client]["model_match"] is None
     assert [m["ratio"] for m in view["plan"]["split"]] == [0.667, 0.333]

@@ -207,7 +207,9 @@
           el("small", {}, n.memory_source && n.role !== "lite client" ? " " + n.memory_source : "")),
         el("td", { "data-label": "model" }, n.model || "—", el("small", { class: n.model_match === false ? "warn" : "" },
           (n.fingerprint ? " " + n.fingerprint.slice(0, 8) : "") + match)),
-        el("td", { "data-label": "path" }, n.me ? "—" : (n.connected ? "direct QUIC" : "not connected") + (n.lane ? ", lane " + n.lane : "")),
+        el("td", { "data-label": "path" }, n.me ? "—" : !n.connected ? "not connected"
+          : `${n.path || "direct"} QUIC` + (n.relay ? " via " + n.relay : "") + (n.lane ? ", lane " + n.lane : "")
+            + (n.rpc_path ? ", rpc " + n.rpc_path : "")),
         el("td", { "data-label": "RTT" }, n.rtt_ms === null ? "—" : n.rtt_ms.toFixed(1) + " ms"),
         el("td", { "data-label": "bytes" }, n.me ? "—" : `${bytes(n.bytes_in)} / ${bytes(n.bytes_out)}`),
         el("td", { "data-label": "status" }, n.status + (n.placement ? " · " + n.placement : "")));
