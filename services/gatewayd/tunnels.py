@@ -38,6 +38,7 @@ from common.nat.candidates import gather
 from common.nat.reach import EndpointReach, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
+from common.quic.retry import HandshakeSlots
 from services.gatewayd.sockets import (Target, accept_on_loop, announce_hosts, connect_local, describe_target,
                                        race_tcp_connect, set_nodelay, stop_accepting)
 from services.gatewayd.tls_lane import HANDSHAKE_FRAME_MAX, TlsPump, TlsSetup
@@ -250,7 +251,9 @@ class TunnelService:
         self._splices: set[_Splice] = set()
         self._tasks: set[asyncio.Task] = set()
         self._tcp_listener: socket.socket | None = None
-        self._unauthenticated: dict[socket.socket, tuple[str, asyncio.Task]] = {}  # oldest first
+        self._unauthenticated: HandshakeSlots[socket.socket] = HandshakeSlots(
+            per_source=MAX_UNAUTHENTICATED_PER_SOURCE, total=MAX_UNAUTHENTICATED)
+        self._stranger_tasks: dict[socket.socket, asyncio.Task] = {}  # their _serve_tls
         self.strangers_dropped = 0
         self._quic: QuicEndpoint | None = None
         self._closing = False
@@ -612,18 +615,15 @@ class TunnelService:
         except OSError:
             sock.close()
             return
-        pending = self._unauthenticated
-        same_source = [s for s, (source, _) in pending.items() if source == ip]
-        if len(same_source) >= MAX_UNAUTHENTICATED_PER_SOURCE:
-            self._drop_unauthenticated(same_source[0])
-        elif len(pending) >= MAX_UNAUTHENTICATED:
-            self._drop_unauthenticated(next(iter(pending)))
-        pending[sock] = (ip, self._spawn(self._serve_tls(sock)))
+        for oldest in self._unauthenticated.admit(sock, ip):
+            self.strangers_dropped += 1
+            self._stranger_tasks.pop(oldest).cancel()  # _serve_tls closes the socket
+        self._stranger_tasks[sock] = self._spawn(self._serve_tls(sock))
 
-    def _drop_unauthenticated(self, sock: socket.socket) -> None:
-        _, task = self._unauthenticated.pop(sock)
-        self.strangers_dropped += 1
-        task.cancel()  # _serve_tls closes the socket
+    def _release_stranger(self, sock: socket.socket) -> None:
+        """Its stranger's slot is free: it authenticated, or it is gone."""
+        self._unauthenticated.release(sock)
+        self._stranger_tasks.pop(sock, None)
 
     async def _serve_tls(self, sock: socket.socket) -> None:
         setup = TlsSetup(sock, self._server_tls, server_side=True)
@@ -645,7 +645,7 @@ class TunnelService:
                 splice.close(abort=True)
             return
         finally:
-            self._unauthenticated.pop(sock, None)
+            self._release_stranger(sock)
         stats.lane = LANE_TCP
         splice.attach_pump(setup)
 
@@ -657,7 +657,7 @@ class TunnelService:
                                                                setup.send, timeout=STRANGER_TIMEOUT)
             return dialer_id, claims
         dialer_id, _claims = await asyncio.wait_for(prove(), STRANGER_TIMEOUT)
-        self._unauthenticated.pop(setup.sock, None)  # a known key from here on: no longer a stranger's slot
+        self._release_stranger(setup.sock)  # a known key from here on: no longer a stranger's slot
         header = await setup.read_frame()
         reason, target = await self._refusal(dialer_id, header)
         if reason is not None:
