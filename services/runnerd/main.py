@@ -28,7 +28,7 @@ from common.gguf_info import ModelError, inspect_gguf
 from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
-from common.messages import (Announcement, ChildState, DecodeRate, GatewayState, MeshState, Plan, Reply, RunnerState,
+from common.messages import (Announcement, ChildState, GatewayState, MeshState, Plan, Reply, RunnerState,
                              SpeculationState, StatusRequest)
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
@@ -40,7 +40,7 @@ from services.runnerd.llama_log import device_placement, load_progress_text, wei
 from services.runnerd.rpc_allow import write_allow_file
 from services.runnerd.rpc_paths import DirectPaths
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
-from services.runnerd.throughput import decode_totals, recent_rate
+from services.runnerd.throughput import DecodeWatch
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
@@ -290,25 +290,26 @@ class Runnerd:
     async def watch_metrics(self) -> None:
         """Keep the serving llama-server's decode rate of recent requests and its draft acceptance in
         our state (from its /metrics)."""
-        totals: tuple[int, tuple[float, float] | None] = (0, None)  # (port, counters) at the last read
+        watch = DecodeWatch()
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 await asyncio.sleep(METRICS_EVERY_S)
                 llama, spec = self.llama, self.state.speculation
-                if llama is None or not llama.running() or self.state.llama.state != "ready":
+                serving = llama.pid if llama is not None and llama.running() and self.state.llama.state == "ready" \
+                    else None
+                text = None
+                if serving is not None:
+                    key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
+                    try:
+                        text = (await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics",
+                                                 headers={"Authorization": f"Bearer {key}"} if key else {})).text
+                    except httpx.HTTPError:
+                        pass
+                decode = watch.read(serving, text, time.time())  # reset when another llama-server (or none) serves
+                if decode != self.state.decode:
+                    self.update(decode=decode)
+                if text is None:
                     continue
-                key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
-                port = self.state.llama.port
-                try:
-                    text = (await client.get(f"http://127.0.0.1:{port}/metrics",
-                                             headers={"Authorization": f"Bearer {key}"} if key else {})).text
-                except httpx.HTTPError:
-                    continue
-                now = decode_totals(text)
-                rate = recent_rate(totals[1], now) if totals[0] == port else None
-                totals = (port, now)
-                if rate:
-                    self.update(decode=DecodeRate(tokens=rate[0], tok_s=rate[1], at=time.time()))
                 counts = draft_counts(text) if spec.mode != "off" else None
                 if counts and counts != (spec.drafted_tokens, spec.accepted_tokens):
                     drafted, accepted = counts
