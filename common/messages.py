@@ -11,6 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 Address = tuple[str, int]
 
+# The mesh protocol: what two nodes must agree on to talk at all (QUIC framing, stream credit, lanes,
+# these messages). Said by both sides of the authenticated challenge exchange (common/quic/auth.py);
+# a peer on another one is refused with one line. Raise it with any change an older node cannot follow.
+#   1: the aioquic builds (said nothing: a peer that omits it runs 1)
+#   2: qh3, with the per-stream credit stream
+MESH_PROTOCOL = 2
+
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")

@@ -21,6 +21,7 @@ from common.bus import request
 from common.default_model import ModelInstallError, ensure_default_model
 from common.gguf_info import ModelError, inspect_gguf
 from common.messages import JoinRequest, StatusRequest, TokenRequest
+from common.plan_text import plan_line
 from common.settings import Settings, home_from_env, load_settings
 from common.settings_cli import add_settings_flags, env_name, flag_name, overrides_from_args, settings_env_names
 from common.tokens import TokenError, decode_token
@@ -249,7 +250,7 @@ def render_status(status: dict) -> str:
     if gateway.get("error") and isinstance(gateway.get("error"), str):
         lines.append(f"  ERROR: {gateway['error']}")
     if "state" in plan:
-        lines.append(f"plan: {plan['state']} — {plan.get('reason', '')}")
+        lines.append(f"plan: {plan_line(plan['state'], plan.get('reason', ''))}")
         if plan.get("host"):
             lines.append(f"host: {plan['host'][:12]}{' (this node)' if plan['host'] == me else ''}")
         if plan.get("members"):

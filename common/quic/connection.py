@@ -525,7 +525,8 @@ class QuicPeerConnection:
         try:
             node_id, claims, nonce = await challenge_dialer(
                 endpoint.identity, endpoint.alpn, lambda: read_frame(reader, AUTH_FRAME_MAX_BYTES),
-                lambda *frames: _send_frames(writer, frames), timeout=endpoint.auth_timeout)
+                lambda *frames: _send_frames(writer, frames), timeout=endpoint.auth_timeout,
+                protocol=endpoint.protocol)
             verdict = await authorize_dialer(endpoint.authorize, node_id, claims, nonce)
         except asyncio.CancelledError:
             raise
@@ -573,7 +574,7 @@ class QuicPeerConnection:
             verdict = await answer_server(
                 self._endpoint.identity, self._endpoint.alpn, server_id,
                 lambda: read_frame(reader, AUTH_FRAME_MAX_BYTES), lambda *frames: _send_frames(writer, frames),
-                claims_for=claims_for)
+                claims_for=claims_for, protocol=self._endpoint.protocol)
         except (FrameError, ConnectionError) as exc:
             if self.is_closed:
                 raise self._closed_error() from None

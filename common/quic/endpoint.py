@@ -31,6 +31,7 @@ from qh3.quic.packet import QuicPacketType, encode_quic_retry, encode_quic_versi
 from qh3.tls import load_pem_private_key, load_pem_x509_certificates
 
 from common.identity import NodeIdentity
+from common.messages import MESH_PROTOCOL
 from common.quic.auth import Authorize
 from common.quic.connection import LeanQuicConnection as QuicConnection
 from common.quic.connection import QuicPeerConnection
@@ -57,6 +58,7 @@ class RelayReceiver(Protocol):
 
 class QuicEndpoint:
     """A UDP socket that accepts and dials authenticated QUIC connections (module docstring)."""
+    protocol: int | None = MESH_PROTOCOL  # said and checked in every authentication exchange (common.quic.auth)
 
     def __init__(self, identity: NodeIdentity, *, alpn: str, host: str = "0.0.0.0", port: int = 0,
                  authorize: Authorize = lambda node_id, claims, nonce: None,

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from common import addresses
 from common.bus import make_socket
 from common.messages import GatewayState, MeshState, Plan, RunnerState, decode
+from common.plan_text import plan_line
 
 log = logging.getLogger("console")
 STALE_AFTER_S = 3.5  # services publish every second; older than this and the service is down
@@ -83,6 +84,7 @@ def mesh_view(mesh: MeshState | None, plan: Plan | None, runner: RunnerState | N
     return {
         "node_id": me, "mesh_id": mesh.mesh_id if mesh else "", "services": up,
         "plan": {"state": plan.state if plan else "unknown", "reason": plan.reason if plan else "",
+                 "line": plan_line(plan.state, plan.reason) if plan else "",  # as `meshctl status` says it
                  "host": host, "split": split, "needed_bytes": plan.needed_bytes if plan else 0,
                  "available_bytes": plan.available_bytes if plan else 0,
                  "excluded": [{"node_id": k, "reason": v} for k, v in excluded.items()]},

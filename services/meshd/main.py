@@ -28,6 +28,7 @@ from common.messages import (Announcement, GatewayState, JoinRequest, LeaveReque
                              RunnerState, StatusRequest, TokenRequest)
 from common.nat.reach import EndpointReach, nat_report, race_dial
 from common.quic import QuicEndpoint, QuicPeerConnection
+from common.quic.auth import MISMATCHES, ProtocolMismatch
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from common.tokens import (InviteToken, TokenError, admission_proof, check_admission, decode_token, encode_token,
@@ -362,6 +363,8 @@ class Meshd:
         candidate = MeshSecret(mesh_id=token.mesh_id, secret=token.secret, generation=0, known=dict(self.secret.known))
         try:
             await self.dial(token.node_id, list(token.addrs), candidate)
+        except ProtocolMismatch as exc:  # not the mesh's refusal: the two builds cannot talk
+            return self.join_failed(exc.reason)
         except AuthError as exc:
             return self.join_failed(f"the mesh refused this node: {exc.reason}")
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
@@ -430,9 +433,11 @@ class Meshd:
             path = peer_path(links[0].conn, ann, self.reach.nat) if links else None
             peers.append(PeerView(announcement=ann, connected=bool(links), rtt_ms=rtt * 1000 if rtt is not None else None,
                                   last_heard=self.last_heard.get(node_id, 0.0), status=status, path=path))
+        errors = self.errors + stun_errors(self.reach.nat) + [f"relay {r.relay}: {r.error}" for r in relays if r.error]
+        # peers on another mesh protocol (either end of the exchange), unless a join error says it already
+        errors += [line for line in MISMATCHES.lines() if not any(line in e for e in errors)]
         return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
-                         me=self.announcement(), peers=peers, errors=self.errors + stun_errors(self.reach.nat) +
-                         [f"relay {r.relay}: {r.error}" for r in relays if r.error], settled=self.settled(),
+                         me=self.announcement(), peers=peers, errors=errors, settled=self.settled(),
                          gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat), relays=relays)
 
     def settled(self) -> bool:

@@ -28,17 +28,19 @@ from common.gguf_info import ModelError, inspect_gguf
 from common.identity import CERT_FILE, KEY_FILE, NodeIdentity
 from common.local_keys import new_llama_key, read_llama_key
 from common.logs import setup_logging
-from common.messages import (Announcement, ChildState, DecodeRate, GatewayState, MeshState, Plan, Reply, RunnerState,
+from common.messages import (Announcement, ChildState, GatewayState, MeshState, Plan, Reply, RunnerState,
                              SpeculationState, StatusRequest)
 from common.settings import Settings, service_settings
 from common.tasks import Supervisor
 from services.runnerd.children import Child, free_loopback_port
 from common.rpc_policy import rpc_allowed
-from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_endpoint, rpc_server_args
+from services.runnerd.commands import NotReady, RpcTls, llama_server_args, rpc_server_args
 from services.runnerd.memory import Offer, detect_memory
 from services.runnerd.llama_log import device_placement, load_progress_text, weight_loads
+from services.runnerd.rpc_allow import write_allow_file
+from services.runnerd.rpc_paths import DirectPaths
 from services.runnerd.speculation import SpeculationChoice, choose_speculation, draft_counts, speculation_args
-from services.runnerd.throughput import decode_totals, recent_rate
+from services.runnerd.throughput import DecodeWatch
 
 log = logging.getLogger("runnerd")
 RESTART_BACKOFF_S = (1, 2, 5, 10)
@@ -46,9 +48,7 @@ LLAMA_STOP_GRACE_S = 0.3  # llama-server keeps nothing worth a slow shutdown (on
 # not exit on SIGTERM at all), and a replacement is waiting
 LOAD_STALL_S = 120  # llama-server logs its load progress (patch 0003); this long without a line: stuck
 METRICS_EVERY_S = 5.0  # how often the decode rate and draft acceptance are read from llama-server's /metrics
-DIRECT_CHECK_S = 1.0  # a worker's TLS rpc-server that does not accept a connection in this long: the tunnel
 SERVED_FOR_S = 30.0  # a child that died after serving this long is restarted at once: its death is news, not a crash loop
-DIRECT_FAILURES_MAX = 2  # llama-server failures in a row over a worker's direct path before its tunnel is used
 
 
 class Runnerd:
@@ -74,10 +74,7 @@ class Runnerd:
         self._rpc_tls: RpcTls | None = None
         self.rpc_port: int | None = None  # the TLS rpc-server's port, kept across its restarts
         self.rpc_recycled = False  # the rpc-server was stopped on purpose (recycle_rpc_server)
-        # (plan key, worker, its announced TLS addresses) -> the one that connected, or None: checked once per plan
-        self.direct: dict[tuple[str, str, tuple], tuple[str, int] | None] = {}
-        self.direct_failures: dict[tuple[str, str], int] = {}  # (plan key, worker) -> llama-server failures in a row
-        self._check_direct = asyncio.Event()
+        self.paths = DirectPaths()  # as host: direct TLS or tunnel to each worker (rpc_paths)
         self.wanted_paths: dict[str, str] = {}  # worker -> "direct HOST:PORT" | "tunnel", of the last desired spec
 
     def current_state(self) -> RunnerState:
@@ -151,20 +148,11 @@ class Runnerd:
         tls = self.rpc_tls()
         if tls is None or not self.node_id:
             return
-        allowed = rpc_allowed(self.plan, self.node_id, set(self.peers))
-        text = "".join(f"{n}\n" for n in allowed)
-        old = tls.allow.read_text() if tls.allow.exists() else ""
-        if old != text:
-            tmp = tls.allow.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(tls.allow)
-            if set(old.split()) - set(allowed):
-                self.recycle_rpc_server()
+        if write_allow_file(tls.allow, rpc_allowed(self.plan, self.node_id, set(self.peers))):
+            self.recycle_rpc_server()
 
     def recycle_rpc_server(self) -> None:
-        """Start the TLS rpc-server afresh once a host is no longer allowed. It serves one client at a time,
-        and a host that vanished (a partition, a crash) can leave its connection open for minutes: the next
-        host would queue behind it. (The tunnels' worker end closes such connections itself.)"""
+        """Start the TLS rpc-server afresh once a host is no longer allowed (rpc_allow says why)."""
         if self.rpc and self.rpc.running():
             log.info("ggml-rpc-server: restarting it, so a connection from a host that is no longer ours ends")
             self.rpc_recycled = True
@@ -220,7 +208,7 @@ class Runnerd:
         if plan != self.plan:
             self.plan = plan
             self.write_rpc_allow()
-            self._check_direct.set()
+            self.paths.wanted.set()
             self._plan_changed.set()
 
     def on_gateway(self, state: GatewayState) -> None:
@@ -246,65 +234,27 @@ class Runnerd:
         if links_changed:
             self.write_rpc_allow()
         if tls_moved:
-            self._check_direct.set()
+            self.paths.wanted.set()
 
-    # --- the path to each worker ---------------------------------------------------------------------
-
-    def direct_key(self, worker: str) -> tuple[str, str, tuple] | None:
-        ann = self.peers.get(worker)
-        return (self.plan.key, worker, tuple(map(tuple, ann.rpc_tls))) if ann and ann.rpc_tls else None
+    # --- the path to each worker (rpc_paths) --------------------------------------------------------
 
     async def check_direct_paths(self) -> None:
         """As host: once per plan, which workers' TLS rpc-servers accept a connection from here."""
         while True:
-            await self._check_direct.wait()
-            self._check_direct.clear()
+            await self.paths.wanted.wait()
+            self.paths.wanted.clear()
             if self.plan.host != self.node_id:
                 continue
-            keys = [k for m in self.plan.members if m.node_id != self.node_id
-                    and (k := self.direct_key(m.node_id)) and k not in self.direct]
-            results = await asyncio.gather(*(_first_connecting(k[2]) for k in keys))
-            self.direct = {k: v for k, v in self.direct.items() if k[0] == self.plan.key}
-            for key, found in zip(keys, results):
-                why = f"no answer from {', '.join(f'{h}:{p}' for h, p in key[2])} in {DIRECT_CHECK_S:g} s"
-                if found and self.direct_failures.get(key[:2], 0) >= DIRECT_FAILURES_MAX:
-                    # it connects, yet llama-server failed through it: e.g. another server at that address
-                    found, why = None, f"llama-server failed {DIRECT_FAILURES_MAX} times in a row over the direct path"
-                self.direct[key] = found
-                log.info("rpc path to %s: %s", key[1][:8], f"direct TLS {found[0]}:{found[1]}" if found else f"tunnel ({why})")
-            if keys:
+            if await self.paths.check(self.plan, self.node_id, self.peers):
                 self._plan_changed.set()
 
     def recheck_direct_paths(self) -> None:
-        """llama-server failed: a direct path that connected at the check may not now (the next start re-checks);
-        a worker whose direct path failed DIRECT_FAILURES_MAX times in a row in this plan gets the tunnel."""
-        for worker, path in self.state.rpc_paths.items():
-            if path.startswith("direct"):
-                key = (self.plan.key, worker)
-                self.direct_failures[key] = self.direct_failures.get(key, 0) + 1
-        self.direct.clear()
-        self._check_direct.set()
+        self.paths.llama_failed(self.plan.key, self.state.rpc_paths)
 
     def rpc_endpoints(self, plan: Plan) -> dict[str, str]:
-        """Each remote member's --rpc endpoint (rpc_endpoint); NotReady while a direct check is under way."""
-        endpoints: dict[str, str] = {}
-        self.wanted_paths = {}
-        for m in plan.members:
-            if m.node_id == self.node_id:
-                continue
-            key = self.direct_key(m.node_id)
-            if key and not self.binaries.rpc_tls:
-                raise NotReady(f"{m.node_id[:8]}'s rpc-server wants TLS and this node's llama.cpp build has none; "
-                               f"rebuild it (`just build`) with OpenSSL")
-            if key and key not in self.direct:
-                raise NotReady(f"checking the direct path to {m.node_id[:8]}")
-            direct = self.direct.get(key) if key else None
-            endpoint = rpc_endpoint(m.node_id, tls=key is not None, direct=direct,
-                                    forward=self.gateway.rpc_forwards.get(m.node_id))
-            if endpoint:
-                endpoints[m.node_id] = endpoint
-                self.wanted_paths[m.node_id] = f"direct TLS {direct[0]}:{direct[1]}" if direct else \
-                    ("tunnel, TLS inside" if key else "tunnel")
+        """Each remote member's --rpc endpoint; NotReady while a direct check is under way."""
+        endpoints, self.wanted_paths = self.paths.endpoints(plan, self.node_id, self.peers, self.gateway.rpc_forwards,
+                                                            build_has_tls=bool(self.binaries.rpc_tls))
         return endpoints
 
     def desired_llama_spec(self) -> tuple[list[str] | None, str]:
@@ -340,25 +290,26 @@ class Runnerd:
     async def watch_metrics(self) -> None:
         """Keep the serving llama-server's decode rate of recent requests and its draft acceptance in
         our state (from its /metrics)."""
-        totals: tuple[int, tuple[float, float] | None] = (0, None)  # (port, counters) at the last read
+        watch = DecodeWatch()
         async with httpx.AsyncClient(timeout=2.0) as client:
             while True:
                 await asyncio.sleep(METRICS_EVERY_S)
                 llama, spec = self.llama, self.state.speculation
-                if llama is None or not llama.running() or self.state.llama.state != "ready":
+                serving = llama.pid if llama is not None and llama.running() and self.state.llama.state == "ready" \
+                    else None
+                text = None
+                if serving is not None:
+                    key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
+                    try:
+                        text = (await client.get(f"http://127.0.0.1:{self.state.llama.port}/metrics",
+                                                 headers={"Authorization": f"Bearer {key}"} if key else {})).text
+                    except httpx.HTTPError:
+                        pass
+                decode = watch.read(serving, text, time.time())  # reset when another llama-server (or none) serves
+                if decode != self.state.decode:
+                    self.update(decode=decode)
+                if text is None:
                     continue
-                key = read_llama_key(self.settings.home)  # llama-server's /metrics needs its key too
-                port = self.state.llama.port
-                try:
-                    text = (await client.get(f"http://127.0.0.1:{port}/metrics",
-                                             headers={"Authorization": f"Bearer {key}"} if key else {})).text
-                except httpx.HTTPError:
-                    continue
-                now = decode_totals(text)
-                rate = recent_rate(totals[1], now) if totals[0] == port else None
-                totals = (port, now)
-                if rate:
-                    self.update(decode=DecodeRate(tokens=rate[0], tok_s=rate[1], at=time.time()))
                 counts = draft_counts(text) if spec.mode != "off" else None
                 if counts and counts != (spec.drafted_tokens, spec.accepted_tokens):
                     drafted, accepted = counts
@@ -452,7 +403,7 @@ class Runnerd:
             return outcome
         log.info("llama-server ready on 127.0.0.1:%d in %.1f s (%s)", port, time.monotonic() - started, self.plan.reason)
         self.llama_ready_at = time.monotonic()
-        self.direct_failures = {k: v for k, v in self.direct_failures.items() if k[0] != self.plan.key}
+        self.paths.llama_ready(self.plan.key)
         rpc = spec[spec.index("--rpc") + 1].split(",") if "--rpc" in spec else []
         endpoints = dict(zip([m.node_id for m in self.plan.members if m.node_id != self.node_id], rpc))
         loaded = self.llama.log_text(log_start)
@@ -501,16 +452,6 @@ class Runnerd:
 def _connectable(bind_host: str) -> str:
     """Where this machine reaches a server bound to `bind_host`."""
     return "127.0.0.1" if bind_host in ("0.0.0.0", "") else bind_host
-
-
-async def _first_connecting(addrs: tuple, timeout: float = DIRECT_CHECK_S) -> tuple[str, int] | None:
-    """The first of `addrs` that accepts a TCP connection within `timeout` (all tried at once), or None."""
-    async def one(host: str, port: int):
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-        writer.close()
-        return host, port
-    results = await asyncio.gather(*(one(h, p) for h, p in addrs), return_exceptions=True)
-    return next((r for r in results if isinstance(r, tuple)), None)
 
 
 async def _wait_port(port: int, child: Child, timeout: float, host: str = "127.0.0.1") -> bool:

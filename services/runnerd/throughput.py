@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from common.messages import DecodeRate
+
 TOTALS = re.compile(r"^llamacpp:(tokens_predicted_total|tokens_predicted_seconds_total)\s+(\S+)", re.MULTILINE)
 
 
@@ -29,3 +31,28 @@ def recent_rate(before: tuple[float, float] | None, after: tuple[float, float] |
     if tokens <= 0 or seconds <= 0:
         return None
     return int(tokens), tokens / seconds
+
+
+class DecodeWatch:
+    """The decode figure to publish, read by read: the serving llama-server's own. A restarted llama-server
+    (another pid: a new plan, a crash) starts its counters over, and the old one's figure is no longer
+    news about this one; nor is any figure while none serves."""
+
+    def __init__(self) -> None:
+        self.server: int | None = None  # pid of the llama-server the counters are from
+        self.totals: tuple[float, float] | None = None
+        self.rate = DecodeRate()
+
+    def read(self, server: int | None, metrics_text: str | None, at: float) -> DecodeRate:
+        """The figure after a read of `server`'s /metrics (`metrics_text`; None: unreadable this time),
+        `server` None when no llama-server serves."""
+        if server != self.server:
+            self.server, self.totals, self.rate = server, None, DecodeRate()
+        if server is None or metrics_text is None:
+            return self.rate
+        now = decode_totals(metrics_text)
+        rate = recent_rate(self.totals, now)
+        self.totals = now
+        if rate:
+            self.rate = DecodeRate(tokens=rate[0], tok_s=rate[1], at=at)
+        return self.rate

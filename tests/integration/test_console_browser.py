@@ -129,6 +129,7 @@ def shows_this_node(world, driver) -> None:
     wait_until(lambda: node_rows(driver) == [a_id], timeout=30, what="the page listing node A")
     wait_until(lambda: driver.find_element(ID, "plan-line").get_attribute("data-state") == "solo", timeout=60,
                what="the plan shown as solo")
+    assert text(driver, "#plan-line").startswith(f"Solo — elected {a_id[:8]} (")
     assert "host" in text(driver, f'#nodes tr[data-node="{a_id}"]')
     assert "8.0 GB" in text(driver, f'#nodes tr[data-node="{a_id}"]')
     wait_text(driver, "#llama-line", "llama-server: ready")
@@ -175,6 +176,8 @@ def test_pasting_a_token_joins_and_shows_the_split(world, browser, artifacts):
     bar = text(browser, "#split-bar")
     assert ids["a"][:8] in bar and ids["b"][:8] in bar and "(host)" in bar
     assert "67%" in bar and "33%" in bar  # by memory: 8 GB and 4 GB
+    # the plan said once, in `meshctl status`'s words (not "Split over 2 nodes. (split over 2 nodes by memory)")
+    assert text(browser, "#plan-line") == "Split over 2 nodes by memory."
     wait_text(browser, "#llama-line", "llama-server: ready", timeout=180)
     wait_until(lambda: world["a"].answers() and world["a"].runner()["llama"]["state"] == "ready" and
                world["a"].runner()["llama_plan_key"] == world["a"].status()["electd"]["key"], timeout=180, interval=0.3,

@@ -4,12 +4,15 @@ tunnel where it does not; the rpc-server admits the plan's host only."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import ssl
 import struct
 import subprocess
 import threading
+import time
 
+import psutil
 import pytest
 
 from common import addresses
@@ -110,6 +113,69 @@ def test_an_address_that_connects_but_is_not_the_worker_ends_on_the_tunnel(tmp_p
         impostor.close()
         b.stop()
         a.stop()
+
+
+def serving_split_over(node: Node, me: str, worker: str) -> bool:
+    """`node` hosts a split that includes `worker`, with the llama-server for that plan ready."""
+    status = node.status()
+    plan, runner = status.get("electd", {}), status.get("runnerd", {})
+    return (plan.get("state") == "split" and plan.get("host") == me
+            and worker in [m["node_id"] for m in plan.get("members", [])]
+            and runner.get("llama", {}).get("state") == "ready" and runner.get("llama_plan_key") == plan.get("key"))
+
+
+def freeze(node: Node) -> list[psutil.Process]:
+    """SIGSTOP every process of `node` (ours: its meshctl up and all below it). Its kernel keeps its TCP
+    connections open and answering, as for a host that vanished behind a partition: no FIN, no RST."""
+    root = psutil.Process(node.proc.pid)
+    family = [root, *root.children(recursive=True)]
+    for p in family:
+        p.send_signal(signal.SIGSTOP)
+    return family
+
+
+def test_the_next_host_serves_through_a_worker_whose_former_host_vanished_holding_its_connection(tmp_path):
+    """B's TLS rpc-server serves one client at a time. A, its host, freezes with its connection open;
+    C, elected next, must get through B within bounded time: B restarts its rpc-server once A is no
+    longer allowed (runnerd's recycle). Without that, C queues behind A's connection for good."""
+    a = Node(tmp_path / "a", extra=["--split", "--max-vram", "8G", "--bind-host", "127.0.0.1"])
+    b = Node(tmp_path / "b", extra=["--split", "--max-vram", "4G", "--bind-host", "127.0.0.1"])
+    c = Node(tmp_path / "c", extra=["--split", "--max-vram", "6G", "--bind-host", "127.0.0.1"])
+    frozen: list[psutil.Process] = []
+    try:
+        a.start()
+        token = a.token()
+        b.start("--join", token)
+        c.start("--join", token)
+        a_id, b_id, c_id = a.node_id(), b.node_id(), c.node_id()
+        wait_until(lambda: serving_split_over(a, a_id, b_id) and serving_split_over(a, a_id, c_id)
+                   and a.runner().get("rpc_paths", {}).get(b_id, "").startswith("direct TLS"), timeout=300,
+                   interval=0.5, what="A serving a split over B and C, B over direct TLS")
+        assert a.chat("Name three colours.", max_tokens=8)
+        rpc_pid = b.runner()["rpc"]["pid"]
+        peers = {c.laddr.port for c in psutil.Process(rpc_pid).net_connections("tcp")
+                 if c.status == psutil.CONN_ESTABLISHED}
+        assert peers, "A's llama-server holds a connection to B's rpc-server"
+        frozen = freeze(a)
+        cut = time.monotonic()
+        wait_until(lambda: serving_split_over(c, c_id, b_id), timeout=120, interval=0.5,
+                   what="C serving a split over B after A vanished holding B's rpc-server")
+        served_after = time.monotonic() - cut
+        assert c.chat("Name three colours.", max_tokens=8)
+        # Direct or through the tunnel (C's direct check may meet B's rpc-server mid-restart): either way
+        # B's one rpc-server, which A's connection would hold.
+        print(f"C served through B ({c.runner()['rpc_paths'][b_id]}) {served_after:.1f} s after A froze "
+              f"(load {os.getloadavg()[0]:.1f})")
+        assert "ggml-rpc-server: restarting it" in (b.home / "logs" / "runnerd.log").read_text()
+        assert b.runner()["rpc"]["pid"] != rpc_pid
+    finally:
+        for p in frozen:
+            try:
+                p.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        for n in (c, b, a):
+            n.stop()
 
 
 def test_the_rpc_server_admits_the_allowed_node_only(tmp_path):

@@ -154,12 +154,12 @@
 
     // plan
     const plan = view.plan;
-    const planText = {
-      solo: "Solo: one node serves the whole model.", split: "Split over " + plan.split.length + " nodes.",
-      waiting: "Waiting for more peers.", client: "Lite client: requests go to the mesh's host.",
-      "no-model": "No model loaded.", starting: "Starting…", unknown: node.running ? "Waiting for electd…" : "Node not running.",
-    }[plan.state === "unknown" && node.running && node.client ? "client" : plan.state] || plan.state;
-    $("plan-line").textContent = planText + (plan.reason ? " (" + plan.reason + ")" : "");
+    // electd's plan in the words `meshctl status` uses (common/plan_text.py), until one is heard
+    const planText = plan.state === "unknown" || plan.state === "starting" ? {
+      starting: "Starting…", unknown: node.running ? (node.client ? "Lite client: requests go to the mesh's host." :
+        "Waiting for electd…") : "Node not running.",
+    }[plan.state] : plan.line.charAt(0).toUpperCase() + plan.line.slice(1) + ".";
+    $("plan-line").textContent = planText;
     $("plan-line").dataset.state = plan.state;
     const bar = $("split-bar");
     bar.replaceChildren();
