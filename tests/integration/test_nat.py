@@ -275,9 +275,45 @@ def test_a_token_whose_addresses_are_all_unreachable_says_so_in_bounded_time(tmp
             meshctl("down", home=home, timeout=60)
     assert up.returncode != 0, up.stdout + up.stderr
     failed = [line for line in up.stderr.splitlines() if "join failed" in line]
-    assert len(failed) == 1 and "cannot reach the inviting node" in failed[0] and "meshctl join" in failed[0], up.stderr
+    assert len(failed) == 1 and "cannot reach the inviting node" in failed[0] and "keeps retrying" in failed[0], up.stderr
     assert took < 45, took  # the dials give up after seconds, not a hang
     print(f"nat: a token with only dead addresses: `meshctl up -d --join` failed in {took:.1f} s: {failed[0]}")
+
+
+def test_a_node_started_before_its_inviter_keeps_retrying_and_joins_once_the_inviter_starts(tmp_path):
+    """The laptop starts before the home desktop: `meshctl up --join` whose inviter is down runs alone,
+    says in `meshctl status` that it retries the token's address, and joins once the inviter is up."""
+    from tests.integration.harness import meshctl
+    from tests.support.procs import free_port
+    port = free_port()
+    inviter = Node(tmp_path / "desktop", extra=["--client", "--bind-port", str(port)])  # the token's port, again
+    laptop = Node(tmp_path / "laptop", extra=["--client"])
+    try:
+        inviter.start()
+        token, inviter_id = inviter.token(), inviter.node_id()
+        inviter.stop()
+        laptop.start("--join", token)
+
+        def retrying() -> dict | None:
+            return next((j for j in laptop.status().get("meshd", {}).get("joining", [])
+                         if j["node_id"] == inviter_id and j.get("retry_in_s") is not None), None)
+        first = wait_until(retrying, timeout=90, interval=0.5, what="the laptop retrying the join")
+        text = meshctl("status", home=laptop.home, timeout=30).stdout
+        assert "joining: retrying " in text and f":{port}" in text and "failed)" in text, text
+        assert path_of(laptop, inviter) is None
+        inviter.start()
+        back = time.monotonic()
+        wait_until(lambda: any(p["announcement"]["node_id"] == inviter_id and p["connected"]
+                               for p in laptop.status().get("meshd", {}).get("peers", [])),
+                   timeout=90, interval=0.5, what="the laptop joined once the inviter is up")
+        took = time.monotonic() - back
+        mesh = laptop.status()["meshd"]
+        assert mesh["mesh_id"] == inviter.status()["meshd"]["mesh_id"] and not mesh.get("joining"), mesh
+        print(f"nat: a node started before its inviter retried ({first['attempts']} failed, next in "
+              f"{first['retry_in_s']:.0f} s) and joined {took:.1f} s after the inviter started")
+    finally:
+        laptop.stop()
+        inviter.stop()
 
 
 def rpc_arg(pid: int) -> str:
