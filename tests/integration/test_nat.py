@@ -421,9 +421,11 @@ def test_split_with_a_host_behind_a_symmetric_nat_serves_through_the_relay_then_
         try:
             wait_until(lambda: results, timeout=120, interval=0.2, what="a first request under way")
             a_id, s_id = a.node_id(), s.node_id()
-            lab.keep_ports(home_s)
+            flipping = time.monotonic()
+            lab.keep_ports(home_s)  # S's flows but the relay's are cut meanwhile (a NAT rebinding)
             flipped = time.monotonic()
-            print(f"nat: {time.strftime('%H:%M:%S')} S's router keeps ports from now on")
+            print(f"nat: {time.strftime('%H:%M:%S')} S's router keeps ports from now on (the flip took "
+                  f"{flipped - flipping:.1f} s)")
 
             # One status of each node per poll, both at once: a poll of six `meshctl status` runs (path_of and
             # node_id each ask) took 10-30 s on a loaded machine, longer than the move it was timing.
