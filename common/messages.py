@@ -201,6 +201,15 @@ class PeerView(Message):
     path: PeerPath | None = None
 
 
+class JoinRetry(Message):
+    """A --join whose inviter could not be reached yet: meshd keeps dialing its addresses."""
+    node_id: str
+    addrs: list[Address] = Field(default_factory=list)
+    attempts: int = 0               # failed so far
+    retry_in_s: float | None = None  # None: a dial is under way
+    error: str = ""                 # the last attempt's
+
+
 class MeshState(Message):
     kind: Literal["mesh_state"] = "mesh_state"
     node_id: str = ""
@@ -215,6 +224,7 @@ class MeshState(Message):
     settled: bool = False
     nat: NatReport | None = None
     relays: list[RelayState] = Field(default_factory=list)
+    joining: list[JoinRetry] = Field(default_factory=list)
 
 
 # --- gatewayd --------------------------------------------------------------------------------

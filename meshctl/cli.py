@@ -141,8 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"API at {api} — `meshctl status` shows when the model is served.")
     failed = [line for line in join_outcome(settings.home, settings.join) if line.startswith("join failed")]
     if failed:
-        raise UsageError("; ".join(failed) + " — the node runs alone; retry with `meshctl join TOKEN` or stop it "
-                         "with `meshctl down`")
+        raise UsageError("; ".join(failed))
     return 0
 
 
@@ -150,10 +149,12 @@ JOIN_OUTCOME_TIMEOUT_S = 40.0  # a join's dials give up well before this (common
 
 
 def join_outcome(home: Path, tokens: list[str]) -> list[str]:
-    """One line per --join token once meshd has reached the inviting node or given up on it."""
+    """One line per --join token once meshd has reached the inviting node or given up on it (for now:
+    an inviter that does not answer is dialed again and again, which the line says)."""
     pending = {decode_token(t).node_id: t for t in tokens}
     lines: list[str] = []
     deadline = time.monotonic() + JOIN_OUTCOME_TIMEOUT_S
+    mesh: dict = {}
     while pending and time.monotonic() < deadline:
         reply = request(home, "meshd", StatusRequest(), timeout=1.5)
         mesh = reply.data if reply.ok else {}
@@ -163,12 +164,25 @@ def join_outcome(home: Path, tokens: list[str]) -> list[str]:
             lines.append(f"joined mesh {mesh.get('mesh_id')} through node {node_id[:8]}")
             del pending[node_id]
         if errors and pending:  # meshd keeps the latest join error only
-            lines += [f"join failed: {errors[-1]}" for _ in pending]
+            lines += [join_failed_line(errors[-1], node_id in retried(mesh)) for node_id in pending]
             pending.clear()
         if pending:
             time.sleep(0.3)
-    lines += [f"join failed: no answer from node {n[:8]} within {JOIN_OUTCOME_TIMEOUT_S:g} s" for n in pending]
+    lines += [join_failed_line(f"no answer from node {n[:8]} within {JOIN_OUTCOME_TIMEOUT_S:g} s", n in retried(mesh))
+              for n in pending]
     return lines
+
+
+def retried(mesh: dict) -> set[str]:
+    """Inviters whose --join meshd keeps retrying (services/meshd/joining.py)."""
+    return {j["node_id"] for j in mesh.get("joining", [])}
+
+
+def join_failed_line(reason: str, retrying: bool) -> str:
+    if retrying:
+        return (f"join failed: {reason} — the node runs alone and keeps retrying (every 5-30 s; `meshctl status` "
+                f"shows it), and joins as soon as the inviting node answers; `meshctl down` stops it")
+    return f"join failed: {reason} — the node runs alone; retry with `meshctl join TOKEN` or stop it with `meshctl down`"
 
 
 def wait_for_token(home: Path, timeout: float):
@@ -314,12 +328,22 @@ def render_status(status: dict) -> str:
             via = (p.get("path") or {}).get("via", "")
             if via.startswith("relay "):
                 lines.append(f"{'':<10} via {via}")
+    for retry in mesh.get("joining", []):
+        lines.append(joining_text(retry))
     for err in mesh.get("errors", []):
         lines.append(f"mesh error: {err}")
     if dropped := {k: v for k, v in (mesh.get("gossip_dropped") or {}).items() if v}:
         lines.append("gossip dropped (not believed): " + ", ".join(f"{n} {kind.replace('_', ' ')}"
                                                                    for kind, n in sorted(dropped.items())))
     return "\n".join(lines)
+
+
+def joining_text(retry: dict) -> str:
+    """A --join being retried: `joining: retrying ADDR in N s (K failed)`."""
+    where = ", ".join(f"{h}:{p}" for h, p in retry.get("addrs", [])) or "no address"
+    if retry.get("retry_in_s") is None:
+        return f"joining: dialing {where} (attempt {retry.get('attempts', 0) + 1})"
+    return f"joining: retrying {where} in {retry['retry_in_s']:.0f} s ({retry.get('attempts', 0)} failed)"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -74,3 +74,22 @@ def home_network(host: str) -> bool:
     except ValueError:
         return False
     return ip.version == 4 and any(ip in n for n in _HOME_NETWORKS)
+
+
+MOVE_USE_SOCKET = "use_socket"  # same peer address, from our own socket instead of through our relay
+MOVE_TO_DIRECT = "move_to"      # to the peer's direct candidate instead of its relayed address
+
+
+def plan_move(dialed: bool, sending_relayed: bool, remote: Address, peer_relay_addrs: set[Address],
+              remote_answered: bool, best_direct: Address | None) -> tuple[str, Address | None] | None:
+    """How a relayed connection moves to a direct path once a connectivity check got through, or
+    None. Only the dialer moves (QUIC's client migrates; the server answers the way it is reached),
+    so the two ends never move at once; every connection we dialed is considered, not only the one
+    a service reports (two that crossed each other each carry streams)."""
+    if not dialed:
+        return None
+    if sending_relayed:
+        return (MOVE_USE_SOCKET, None) if remote_answered else None
+    if (remote[0], int(remote[1])) in peer_relay_addrs and best_direct is not None:
+        return MOVE_TO_DIRECT, best_direct
+    return None

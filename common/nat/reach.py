@@ -147,6 +147,9 @@ class EndpointReach:
         if answer is None:
             return None
         result = CheckResult(rtt=answer[1], at=time.monotonic(), mapped=answer[0])
+        if self.answered(addr) is None:  # newly reachable (a punch got through): worth a line
+            log.info("check to %s:%d answered (%.1f ms; it sees us at %s)", addr[0], int(addr[1]), answer[1] * 1000,
+                     answer[0])
         self.checks[(addr[0], int(addr[1]))] = result
         return result
 

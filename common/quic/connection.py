@@ -246,6 +246,7 @@ class QuicPeerConnection:
             if path is not self.path and not self.dialed:
                 # the peer now reaches us another way (it moved off a relay): answer that way. A dialer
                 # picks its own path (use_path, move_to): replies still in flight on the old one don't count.
+                log.info("%s: the peer now arrives %s: answering that way", self, path.label)
                 self.path = path
         if addr != self._last_addr or self._path_by_addr.get(addr) is not path:
             self._feed()  # one address per qh3 call
@@ -266,6 +267,7 @@ class QuicPeerConnection:
         if addr != (self._quic_peer_address or self._send_address):
             core = self._quic._core  # noqa: SLF001
             if core is not None and core.active_path[2] == addr:  # QUIC promoted the peer's new address (a migration)
+                log.info("%s: the peer migrated to %s (%s)", self, addr, self._path_by_addr.get(addr, self.path).label)
                 self._send_address = addr
                 self.remote_address = (addr[0], addr[1])
                 self.path = self._path_by_addr.get(addr, self.path)  # and answer it the way it came (direct, after a relay)

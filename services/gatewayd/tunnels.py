@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError, NodeIdentity
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.nat.candidates import gather
+from common.nat.candidates import MOVE_USE_SOCKET, gather, plan_move
 from common.nat.reach import EndpointReach, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
@@ -317,8 +317,14 @@ class TunnelService:
 
         def relayed(c: QuicPeerConnection) -> bool:
             return c.path_kind == "relayed" or tuple(c.remote_address) in relay_addrs
+        # Every live connection to a peer counts: two that crossed (both ends dialed at once) both carry
+        # tunnels, whichever of them _quic_connections names.
+        live = self._quic.connections if self._quic is not None else []
+        by_peer: dict[str, list[QuicPeerConnection]] = {}
+        for c in live:
+            by_peer.setdefault(c.peer_node_id, []).append(c)
         targets = sorted({(h, int(p)) for peer in peers for h, p in peer.quic
-                          if (c := self._quic_connections.get(peer.node_id)) is None or c.is_closed or relayed(c)})
+                          if not by_peer.get(peer.node_id) or any(relayed(c) for c in by_peer[peer.node_id])})
         if targets:
             self._spawn(self.reach.check_all(targets))
         if self.relays:
@@ -328,18 +334,20 @@ class TunnelService:
                 allocation.permit([ip for ip in ips if not ip.startswith("127.")])
         socket_path = self._quic.socket_path if self._quic is not None else None
         candidates = {peer.node_id: peer.quic for peer in peers}
-        for connection in list(self._quic_connections.values()):
-            if not connection.dialed or connection.is_closed or socket_path is None:
+        for connection in live:
+            if socket_path is None or connection.peer_node_id not in candidates:
                 continue
-            if connection.path_kind == "relayed" and self.reach.answered(connection.remote_address):
+            move = plan_move(connection.dialed, connection.path_kind == "relayed", tuple(connection.remote_address),
+                             relay_addrs, self.reach.answered(connection.remote_address) is not None,
+                             self.reach.best_answered(candidates[connection.peer_node_id], relay_addrs))
+            if move is None:
+                continue
+            if move[0] == MOVE_USE_SOCKET:
                 log.info("QUIC lane to %s: relayed -> direct", connection.peer_node_id[:8])
                 connection.use_path(socket_path)
-            elif tuple(connection.remote_address) in relay_addrs:
-                # we dialed its relayed address: move to its direct candidate that answered
-                target = self.reach.best_answered(candidates.get(connection.peer_node_id, []), relay_addrs)
-                if target is not None:
-                    log.info("QUIC lane to %s: its relay -> direct at %s:%d", connection.peer_node_id[:8], *target)
-                    connection.move_to(self._quic.sockaddr(*target), socket_path)
+            else:
+                log.info("QUIC lane to %s: its relay -> direct at %s:%d", connection.peer_node_id[:8], *move[1])
+                connection.move_to(self._quic.sockaddr(*move[1]), socket_path)
 
     async def close(self) -> None:
         self._closing = True
@@ -361,7 +369,7 @@ class TunnelService:
     def stats(self) -> dict:
         out = {}
         for node_id, s in self._stats.items():
-            connection = self._quic_connections.get(node_id)
+            connection = self._reported_connection(node_id)
             rtt = connection.rtt() if connection is not None and not connection.is_closed else None
             out[node_id] = {"node_id": node_id, "lane": s.lane, "bytes_in": s.bytes_in,
                             "path": "" if connection is None or connection.is_closed else connection.path_kind,
@@ -370,6 +378,16 @@ class TunnelService:
                             "last_error": s.last_error,
                             "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}
         return out
+
+    def _reported_connection(self, node_id: str) -> QuicPeerConnection | None:
+        """The QUIC lane's connection to a peer that status describes: of the live ones (two may have
+        crossed), one carrying tunnels, relayed first (so a connection left behind on a relay shows)."""
+        named = self._quic_connections.get(node_id)
+        live = [c for c in (self._quic.connections if self._quic is not None else []) if c.peer_node_id == node_id]
+        busy = [c for c in live if c.stream_count() > 0]
+        if not busy:
+            return named if named is not None and not named.is_closed else (live[0] if live else None)
+        return max(busy, key=lambda c: (c.path_kind == "relayed", c is named))
 
     def lane_for(self, node_id: str) -> str | None:
         """The lane that last carried a tunnel to this peer."""

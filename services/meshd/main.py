@@ -24,8 +24,8 @@ from common.bus import ServiceBus
 from common.frames import FrameError, encode_frame, read_frame, send_frame
 from common.identity import AuthError, NodeIdentity
 from common.logs import setup_logging
-from common.messages import (Announcement, GatewayState, JoinRequest, LeaveRequest, MeshState, PeerView, Plan, Reply,
-                             RunnerState, StatusRequest, TokenRequest)
+from common.messages import (Announcement, GatewayState, JoinRequest, JoinRetry, LeaveRequest, MeshState, PeerView,
+                             Plan, Reply, RunnerState, StatusRequest, TokenRequest)
 from common.nat.reach import EndpointReach, nat_report, race_dial
 from common.quic import QuicEndpoint, QuicPeerConnection
 from common.quic.auth import MISMATCHES, ProtocolMismatch
@@ -37,6 +37,7 @@ from services.meshd.gossip import (GossipMemory, forget_stale, give_up_redialing
                                    merge_view, redial_delay, redials_in_flight, rotation_verdict, sign_announcement,
                                    sign_rotation)
 from common.nat.turn import open_relays, relay_states
+from services.meshd.joining import join_retry_delay, keep_retrying_join
 from services.meshd.reach import (announcement_fields, migrate_relayed, my_candidates, peer_path, permitted_ips,
                                   mapped_candidates, punch_forever, relay_candidates, relayed, stun_errors)
 
@@ -91,6 +92,8 @@ class Meshd:
         self.dial_failures: dict[str, tuple[int, float]] = {}  # node id -> (failures, next attempt time)
         self.redials: set[asyncio.Task] = set()  # dials to known members under way: leaving cancels them
         self.errors: list[str] = []
+        self.joining: dict[str, JoinRetry] = {}  # inviter node id -> a --join being retried
+        self._join_retry_at: dict[str, float] = {}
         self.direct_listen: list[tuple[str, int]] = []  # host and public candidates (relayed ones: self.listen)
         self.runner = RunnerState()
         self.gateway = GatewayState()
@@ -354,21 +357,26 @@ class Meshd:
             self.redials.discard(task)
 
     async def join(self, text: str) -> Reply:
+        return (await self._join_once(text))[0]
+
+    async def _join_once(self, text: str) -> tuple[Reply, bool]:
+        """One join attempt: the reply, and whether it failed only because the inviter did not answer."""
         try:
             token = decode_token(text)
         except TokenError as exc:
-            return self.join_failed(str(exc))
+            return self.join_failed(str(exc)), False
         if token.node_id == self.me_id:
-            return self.join_failed("that token was printed by this node itself; use it on another machine")
+            return self.join_failed("that token was printed by this node itself; use it on another machine"), False
         candidate = MeshSecret(mesh_id=token.mesh_id, secret=token.secret, generation=0, known=dict(self.secret.known))
         try:
             await self.dial(token.node_id, list(token.addrs), candidate)
         except ProtocolMismatch as exc:  # not the mesh's refusal: the two builds cannot talk
-            return self.join_failed(exc.reason)
+            return self.join_failed(exc.reason), False
         except AuthError as exc:
-            return self.join_failed(f"the mesh refused this node: {exc.reason}")
+            return self.join_failed(f"the mesh refused this node: {exc.reason}"), False
         except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
-            return self.join_failed(f"cannot reach the inviting node: {exc}; check the address and that UDP is allowed")
+            return self.join_failed(f"cannot reach the inviting node: {exc}; check the address and that UDP is "
+                                    f"allowed"), True
         if candidate.mesh_id != self.secret.mesh_id or candidate.secret != self.secret.secret:
             candidate.generation = self.secret.generation if candidate.mesh_id == self.secret.mesh_id else 0
             self.secret = candidate
@@ -377,7 +385,53 @@ class Meshd:
         log.info("joined mesh %s through %s", token.mesh_id, token.node_id[:8])
         self.errors = [e for e in self.errors if not e.startswith("join:")]
         self.bus.state_changed()
-        return Reply(ok=True, data={"mesh_id": token.mesh_id, "via": token.node_id})
+        return Reply(ok=True, data={"mesh_id": token.mesh_id, "via": token.node_id}), False
+
+    async def join_until_joined(self, text: str) -> None:
+        """A --join at start: tried, and while its inviter cannot be reached tried again with a
+        bounded back-off (services/meshd/joining.py) for as long as the node runs alone."""
+        mesh_at_start = self.secret.mesh_id
+        try:
+            token = decode_token(text)
+        except TokenError:
+            token = None
+        failures = 0
+        try:
+            while True:
+                if token is not None:
+                    self.joining[token.node_id] = JoinRetry(node_id=token.node_id, addrs=list(token.addrs),
+                                                            attempts=failures, error=self._join_error())
+                reply, unreachable = await self._join_once(text)
+                if reply.ok or token is None or not unreachable:
+                    return
+                failures += 1
+                delay = join_retry_delay(failures)
+                retry_at = time.monotonic() + delay
+                self.joining[token.node_id] = JoinRetry(node_id=token.node_id, addrs=list(token.addrs),
+                                                        attempts=failures, retry_in_s=delay, error=reply.error or "")
+                self._join_retry_at[token.node_id] = retry_at
+                self.bus.state_changed()
+                while time.monotonic() < retry_at:
+                    await asyncio.sleep(min(1.0, max(retry_at - time.monotonic(), 0.0)))
+                    if not self._keep_joining(token, unreachable, mesh_at_start):
+                        break
+                if not self._keep_joining(token, unreachable, mesh_at_start):
+                    log.info("join through %s: no longer retried (%s)", token.node_id[:8],
+                             "joined" if self.secret.mesh_id == token.mesh_id else "the node moved on")
+                    return
+                log.info("join through %s: trying again (%d failed)", token.node_id[:8], failures)
+        finally:
+            if token is not None:
+                self.joining.pop(token.node_id, None)
+                self._join_retry_at.pop(token.node_id, None)
+                self.bus.state_changed()
+
+    def _keep_joining(self, token: InviteToken, unreachable: bool, mesh_at_start: str) -> bool:
+        connected = self.secret.mesh_id == token.mesh_id and any(self.links.values())
+        return keep_retrying_join(unreachable, token.mesh_id, mesh_at_start, self.secret.mesh_id, connected)
+
+    def _join_error(self) -> str:
+        return next((e.removeprefix("join: ") for e in reversed(self.errors) if e.startswith("join: ")), "")
 
     def join_failed(self, reason: str) -> Reply:
         log.error("join failed: %s", reason)
@@ -438,7 +492,14 @@ class Meshd:
         errors += [line for line in MISMATCHES.lines() if not any(line in e for e in errors)]
         return MeshState(node_id=self.me_id, mesh_id=self.secret.mesh_id, listen=self.listen,
                          me=self.announcement(), peers=peers, errors=errors, settled=self.settled(),
-                         gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat), relays=relays)
+                         gossip_dropped=dict(self.gossip_memory.dropped), nat=nat_report(self.reach.nat), relays=relays,
+                         joining=[self._joining_now(j) for j in self.joining.values()])
+
+    def _joining_now(self, retry: JoinRetry) -> JoinRetry:
+        at = self._join_retry_at.get(retry.node_id)
+        if retry.retry_in_s is None or at is None:
+            return retry
+        return retry.model_copy(update={"retry_in_s": round(max(at - time.monotonic(), 0.0), 1)})
 
     def settled(self) -> bool:
         """Every member known from before this start is connected again or was tried once (or time ran out)."""
@@ -493,8 +554,7 @@ class Meshd:
         tasks.spawn("connect", self.connect_forever())
         tasks.spawn("punch", punch_forever(self.reach, self.unconnected_addrs))
         tasks.spawn("relay-upkeep", self.relay_upkeep_forever())
-        for token in self.settings.join:
-            asyncio.ensure_future(self.join(token))
+        joins = [asyncio.ensure_future(self.join_until_joined(token)) for token in self.settings.join]  # noqa: F841 (held)
         failure = await tasks.run_until(stopping)
         await self.leave()
         if failure:

@@ -16,7 +16,7 @@ import logging
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import behind_nat, gather, path_kind
+from common.nat.candidates import MOVE_USE_SOCKET, behind_nat, gather, path_kind, plan_move
 from common.nat.reach import EndpointReach, NatState
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
@@ -79,19 +79,26 @@ def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach,
     moves, so the two ends never move at once."""
     socket_path = reach.endpoint.socket_path
     for conn in conns:
-        if not conn.dialed or conn.is_closed or socket_path is None:
-            continue
-        if conn.path_kind == "relayed":
-            if reach.answered(conn.remote_address) is not None:
-                log.info("path to %s: relayed -> direct (a check through the NAT answered)", conn.peer_node_id[:8])
-                conn.use_path(socket_path)
+        if conn.is_closed or socket_path is None:
             continue
         ann = (announcements or {}).get(conn.peer_node_id)
-        if ann is not None and relayed(conn, ann):
-            target = reach.best_answered(ann.mesh_addrs, {tuple(a) for a in ann.relay_addrs})
-            if target is not None:
-                log.info("path to %s: its relay -> direct at %s:%d (a check answered)", conn.peer_node_id[:8], *target)
-                conn.move_to(reach.endpoint.sockaddr(*target), socket_path)
+        peer_relays = {_plain(a) for a in ann.relay_addrs} if ann is not None else set()
+        move = plan_move(conn.dialed, conn.path_kind == "relayed", _plain(conn.remote_address), peer_relays,
+                         reach.answered(_plain(conn.remote_address)) is not None,
+                         reach.best_answered(ann.mesh_addrs, peer_relays) if ann is not None else None)
+        if move is None:
+            continue
+        if move[0] == MOVE_USE_SOCKET:
+            log.info("path to %s: relayed -> direct (a check through the NAT answered)", conn.peer_node_id[:8])
+            conn.use_path(socket_path)
+        else:
+            log.info("path to %s: its relay -> direct at %s:%d (a check answered)", conn.peer_node_id[:8], *move[1])
+            conn.move_to(reach.endpoint.sockaddr(*move[1]), socket_path)
+
+
+def _plain(addr) -> tuple[str, int]:
+    host = str(addr[0])
+    return (host[7:] if host.startswith("::ffff:") else host), int(addr[1])
 
 
 async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[list]]) -> None:

@@ -138,3 +138,19 @@ def test_a_relay_is_not_asked_to_reach_itself_or_our_loopback() -> None:
     assert not relay_can_reach(relay, ("10.0.3.2", 5000))  # a public relay cannot reach a home LAN
     lan_relay = SimpleNamespace(relayed=("192.168.1.5", 49200), server=("192.168.1.5", 3478))
     assert relay_can_reach(lan_relay, ("192.168.1.20", 5000))
+
+
+def test_only_the_dialer_moves_a_relayed_connection_and_only_once_a_check_got_through() -> None:
+    from common.nat.candidates import MOVE_TO_DIRECT, MOVE_USE_SOCKET, plan_move
+    relay = ("203.0.113.3", 49200)
+    direct = ("203.0.113.102", 40000)
+    # through our own relay: the same peer address from our socket, once a check to it answered
+    assert plan_move(True, True, direct, set(), remote_answered=True, best_direct=None) == (MOVE_USE_SOCKET, None)
+    assert plan_move(True, True, direct, set(), remote_answered=False, best_direct=None) is None
+    # to the peer's relayed address: to its direct candidate that answered
+    assert plan_move(True, False, relay, {relay}, False, direct) == (MOVE_TO_DIRECT, direct)
+    assert plan_move(True, False, relay, {relay}, False, None) is None
+    # the accepted end never moves (it answers the way it is reached); a direct connection stays
+    assert plan_move(False, True, direct, set(), True, None) is None
+    assert plan_move(False, False, relay, {relay}, True, direct) is None
+    assert plan_move(True, False, direct, {relay}, True, ("203.0.113.102", 40001)) is None
