@@ -37,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,13 +70,41 @@ def netns_bytes(ns: str) -> int:
                for link in json.loads(out.stdout) if link["ifname"] != "lo")
 
 
-def reported_paths(host, worker) -> dict:
-    from tests.integration.test_nat import path_of
-    wid = worker.node_id()
-    tunnel = next((t for t in host.status().get("gatewayd", {}).get("tunnels", []) if t.get("node_id") == wid), None)
-    return {"host_to_worker": path_of(host, worker), "worker_to_host": path_of(worker, host),
-            "rpc_path": host.runner().get("rpc_paths", {}).get(wid, ""),
+def coturn_usage(log: Path) -> dict[str, int]:
+    """coturn's own allocation counters, summed over its log's periodic and closing `usage` lines
+    (each counts since the last): bytes between clients and the relay, and between the relay and peers."""
+    totals = {"client_bytes": 0, "peer_bytes": 0}
+    for line in log.read_text(errors="replace").splitlines() if log.is_file() else []:
+        if "usage: realm=" not in line:
+            continue
+        fields = dict(kv.split("=", 1) for kv in line.replace(",", " ").split() if kv[:3] in ("rb=", "sb="))
+        key = "peer_bytes" if "peer usage:" in line else "client_bytes"
+        totals[key] += int(fields.get("rb", 0)) + int(fields.get("sb", 0))
+    return totals
+
+
+def reported_paths(host, worker, ids: dict) -> dict:
+    """meshd's path both ways, the host's RPC path to the worker (runnerd) and its data lane (gatewayd),
+    from one status of each node (`meshctl status` is seconds on a loaded machine)."""
+    host_status, worker_status = host.status(), worker.status()
+
+    def path(status: dict, other: str) -> str | None:
+        p = next((p for p in status.get("meshd", {}).get("peers", []) if p["announcement"]["node_id"] == other), None)
+        return (p.get("path") or {}).get("path") if p and p["connected"] else None
+    tunnel = next((t for t in host_status.get("gatewayd", {}).get("tunnels", []) if t.get("node_id") == ids[worker]),
+                  None)
+    return {"host_to_worker": path(host_status, ids[worker]), "worker_to_host": path(worker_status, ids[host]),
+            "rpc_path": host_status.get("runnerd", {}).get("rpc_paths", {}).get(ids[worker], ""),
             "data_lane": f"{tunnel['lane']} {tunnel['path']}" if tunnel else None}
+
+
+def stop_all(nodes) -> None:
+    """Every node stops at once (one by one is minutes on a loaded machine); mesh() then finds them stopped."""
+    threads = [threading.Thread(target=n.stop) for n in nodes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
 
 
 def build_lab(lab: nat_lab.NatLab) -> dict[str, tuple]:
@@ -100,26 +129,28 @@ def run(args, model: Path, work: Path) -> dict:
         stack.callback(lab.close)
         lab.start_servers(work, relay=True)
         sites = build_lab(lab)
-        pairs = {}
+        pairs, everyone = {}, []
         flags = ["--split", "--model", str(model)]
         started = time.monotonic()
         for path, (public, host_site, worker_site, env) in sites.items():
-            _, (_, host, worker) = stack.enter_context(mesh(
+            _, nodes = stack.enter_context(mesh(
                 work / path, public, ("host", host_site, [*flags, "--max-vram", "8G"], env),
                 ("worker", worker_site, [*flags, "--max-vram", "4G"], env)))
-            pairs[path] = (host, worker)
+            pairs[path], everyone = tuple(nodes[1:]), everyone + nodes
+        stack.callback(stop_all, everyone)  # before each mesh() stops its own, one by one
+        ids = {n: n.node_id() for n in everyone}
         for path, (host, worker) in pairs.items():
-            wait_split_serving(host, {host.node_id(), worker.node_id()})
+            wait_split_serving(host, {ids[host], ids[worker]})
             print(f"[{time.monotonic() - started:5.0f}s] {path}: split serving", flush=True)
         report["bring_up_s"] = round(time.monotonic() - started)
         for path, (host, worker) in pairs.items():  # warm-up, outside the timed rounds
             wait_until(lambda: ask(host, 4)["status"] == 200, timeout=180, interval=1.0, what=f"{path} answering")
         for path, (host, worker) in pairs.items():
             try:
-                results[path].reported = wait_until(lambda: _settled(host, worker, path), timeout=90, interval=1.0,
+                results[path].reported = wait_until(lambda: _settled(host, worker, ids, path), timeout=90, interval=1.0,
                                                     what=f"the {path} pair's path")
             except TimeoutError:  # measured anyway, and the run fails saying which path it was
-                results[path].reported = reported_paths(host, worker)
+                results[path].reported = reported_paths(host, worker, ids)
             print(f"  {path}: {results[path].reported}", flush=True)
 
         capture = work / "relay.frames"
@@ -149,20 +180,22 @@ def run(args, model: Path, work: Path) -> dict:
         relay_after, turn_after = netns_bytes(lab.relay_ns), relay_bytes(list(pairs["relayed"]), "gatewayd")
         for p in PATHS:
             results[p].worker_bytes = netns_bytes(pairs[p][1].netns) - worker_before[p]
-            after = reported_paths(*pairs[p])
+            after = reported_paths(*pairs[p], ids)
             if after["host_to_worker"] != results[p].reported["host_to_worker"]:
                 results[p].errors.append(f"path changed during the rounds: {results[p].reported} -> {after}")
         sniffer.terminate()
         sniffer.wait(timeout=60)
         seen = b"".join(read_frames(str(capture)))
         secrets = {f"{p}-secret": json.loads((work / p / "p" / "mesh.json").read_text())["secret"] for p in PATHS}
-        ids = {f"{p}-{role}-id": n.node_id() for p in PATHS for role, n in zip(("host", "worker"), pairs[p])}
-        leaked = [name for name, marker in (secrets | ids).items() if marker.encode() in seen]
+        markers = secrets | {f"{p}-{role}-id": ids[n] for p in PATHS for role, n in zip(("host", "worker"), pairs[p])}
+        leaked = [name for name, marker in markers.items() if marker.encode() in seen]
         report.update({
             "relay": {"interface_bytes": relay_after - relay_before, "turn_allocation_bytes": turn_after - turn_before,
                       "captured_bytes": len(seen), "plaintext_found": leaked,
-                      "checked_for": sorted(secrets) + sorted(ids)},
+                      "checked_for": sorted(markers)},
             "load_during": loads, "load_after": os.getloadavg()})
+    # after the nodes stopped: their sessions' closing usage lines are in
+    report["relay"]["coturn_whole_run"] = coturn_usage(work / f"coturn-{nat_lab.STUN_IP}-3478.log")
     for r in results.values():
         if r.samples:
             r.decode_tps = statistics.median(r.samples)
@@ -174,9 +207,9 @@ def run(args, model: Path, work: Path) -> dict:
     return report
 
 
-def _settled(host, worker, path: str) -> dict | None:
+def _settled(host, worker, ids: dict, path: str) -> dict | None:
     """The pair's reported paths once both ends agree on the one intended (None meanwhile)."""
-    seen = reported_paths(host, worker)
+    seen = reported_paths(host, worker, ids)
     return seen if seen["host_to_worker"] == seen["worker_to_host"] == path else None
 
 
@@ -205,8 +238,11 @@ def format_summary(report: dict) -> str:
         lines.append(f"| {path} | {tps} | {ratio} | {len(r['samples'])} | {r['reported'].get('rpc_path') or '-'} | "
                      f"{r['reported'].get('data_lane') or '-'} | {r['worker_bytes']} |")
     relay = report["relay"]
+    coturn = relay.get("coturn_whole_run") or {}
     lines.append(f"\nrelay: {relay['interface_bytes']} bytes through its interfaces during the rounds, "
-                 f"{relay['turn_allocation_bytes']} through the relayed pair's TURN allocations; plaintext of "
+                 f"{relay['turn_allocation_bytes']} through the relayed pair's TURN allocations (their gatewayd's "
+                 f"count); coturn's own counters, whole run: {coturn.get('client_bytes')} client<->relay, "
+                 f"{coturn.get('peer_bytes')} relay<->peer; plaintext of "
                  f"{len(relay['checked_for'])} markers (mesh secrets, node ids) in its capture: "
                  f"{relay['plaintext_found'] or 'none'}")
     lo = report["load_before"], report["load_after"]
