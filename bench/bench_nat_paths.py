@@ -288,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.max_tokens < 1:
         parser.error("--rounds and --max-tokens must be at least 1")
-    why = nat_lab.available()
+    why = "needs root (network namespaces, nftables): sudo .venv/bin/python -m bench.bench_nat_paths" \
+        if os.geteuid() != 0 else nat_lab.available()
     if why:
         print(f"bench_nat_paths: {why}", file=sys.stderr)
         return 2
