@@ -63,6 +63,10 @@ bench *ARGS: build download-model (download-model "gemma")
 bench-rpc *ARGS: build (download-model "gemma")
     {{py}} -m bench.bench_rpc {{ARGS}}
 
+# Decode of a two-node split (SmolLM2) through a direct, a punched and a relayed path in one run (root: namespaces)
+bench-nat *ARGS: build download-model
+    {{py}} -m bench.bench_nat_paths {{ARGS}}
+
 # Solo node: time to first answer and decode speed through :9337 vs llama-server directly
 bench-solo: build download-model
     {{py}} -m bench.bench_solo
