@@ -35,7 +35,7 @@ from common.quic.auth import Authorize
 from common.quic.connection import LeanQuicConnection as QuicConnection
 from common.quic.connection import QuicPeerConnection
 from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH,
-                                CONNECTION_RECEIVE_WINDOW, LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED,
+                                CONNECTION_RECEIVE_WINDOW, MAX_UNAUTHENTICATED,
                                 MAX_UNAUTHENTICATED_PER_SOURCE, QH3_SERVER_DATAGRAM, RECEIVE_BATCH, SMALLEST_DATAGRAM,
                                 STREAM_RECEIVE_WINDOW, datagram_size_for)
 from common.quic.paths import (GRO_CMSG_SPACE, DatagramPath, UdpSocketPath, enable_gro, enable_icmp_errors,
@@ -179,13 +179,12 @@ class QuicEndpoint:
         # qh3 also advertises this as max_udp_payload_size, which caps what the peer sends us:
         # bounded by the host's network and by the path (a relay's own limit), not by the
         # client's first Initial.
-        size = min(self.max_datagram_size or datagram_size_for(host), LOOPBACK_DATAGRAM)
+        size = min(self.max_datagram_size or datagram_size_for(host), QH3_SERVER_DATAGRAM)
         if path_limit is not None:
             size = min(size, path_limit)
-        if not is_client:
-            # qh3's server never sends above 1472 bytes, and with a larger setting cannot open a
-            # path to a peer's new address ("path allocation failed": relayed -> direct broke).
-            size = min(size, QH3_SERVER_DATAGRAM)
+        # (qh3's server never sends above 1472 bytes, and with a larger setting cannot open a path
+        # to a peer's new address: "path allocation failed", relayed -> direct broke. A client's
+        # larger setting bought nothing: the server advertises 1472, so the client keeps to it.)
         config = QuicConfiguration(
             is_client=is_client, alpn_protocols=[self.alpn], idle_timeout=self.idle_timeout,
             max_datagram_size=max(SMALLEST_DATAGRAM, size), connection_id_length=CONNECTION_ID_LENGTH,
