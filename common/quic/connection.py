@@ -17,6 +17,7 @@ from qh3.quic.packet import QuicErrorCode, stream_is_client_initiated
 
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError
+from common.quic.acks import ACK_DELAY_S, answer_now
 from common.quic.auth import (answer_server, authorize_dialer, challenge_dialer, check_verdict, pinned_server_id,
                               verdict_frame)
 from common.quic.limits import (AUTH_FRAME_MAX_BYTES, AUTH_STREAM_ID, CLOSE_AUTH_FAILED, CLOSE_AUTH_REJECTED,
@@ -77,6 +78,7 @@ class QuicPeerConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
+        self._unanswered = 0  # datagrams received since we last sent (common/quic/acks.py)
         self._keepalive: asyncio.TimerHandle | None = None
         self._handshake_done: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -240,6 +242,22 @@ class QuicPeerConnection:
         """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
+        self._unanswered += 1
+        self._note_source(addr, path)
+        self._inbox.append(data)
+
+    def _gro_received(self, buffer: bytes, segment: int, addr: tuple, now: float, path: "DatagramPath") -> None:
+        """A burst of this connection's datagrams that UDP GRO read at once (`segment` bytes each,
+        the last may be shorter): handed to qh3 whole, with no Python work per datagram."""
+        self._last_received = now
+        self.bytes_received += len(buffer)
+        self._unanswered += -(-len(buffer) // segment)
+        self._note_source(addr, path)
+        self._feed()
+        self._quic.receive_gro_buffer(buffer, segment, self._last_addr, now)
+        self._follow_migration()
+
+    def _note_source(self, addr: tuple, path: "DatagramPath") -> None:
         if addr == self._send_address:
             if self._quic_peer_address is not None:
                 addr = self._quic_peer_address  # where qh3 believes the peer is (move_to)
@@ -251,7 +269,6 @@ class QuicPeerConnection:
             self._feed()  # one address per qh3 call
             self._last_addr = addr
             self._path_by_addr[addr] = path
-        self._inbox.append(data)
 
     def _feed(self) -> None:
         inbox = self._inbox
@@ -263,6 +280,10 @@ class QuicPeerConnection:
             self._quic.receive_datagram(inbox[0], addr, self._last_received)
         else:
             self._quic.receive_many_datagrams(inbox, addr, self._last_received)
+        self._follow_migration()
+
+    def _follow_migration(self) -> None:
+        addr = self._last_addr
         if addr != (self._quic_peer_address or self._send_address):
             core = self._quic._core  # noqa: SLF001
             if core is not None and core.active_path[2] == addr:  # QUIC promoted the peer's new address (a migration)
@@ -292,13 +313,23 @@ class QuicPeerConnection:
         quic = self._quic
         if self._credit_out:
             self._send_credit()
-        datagrams = quic.datagrams_to_send(now=self._loop.time())
+        now = self._loop.time()
+        core = quic._core  # noqa: SLF001
+        if core is not None:
+            timer = core.get_timer()
+            if timer is not None and timer[0] == "ack_application" and timer[1] > now and core.get_send_buffer_size() > 0:
+                # qh3 writes an ACK only once its delay is up, so a reply within that 1 ms went out
+                # without it, and the ACK alone a moment later: fire that timer now (an ACK may
+                # always go early), so the data carries it (acks.py).
+                core.handle_timer(timer[1])
+        datagrams = quic.datagrams_to_send(now=now)
         if datagrams and self._quic_peer_address is not None:
             moved = self._quic_peer_address
             datagrams = [(data, self._send_address if addr == moved else addr) for data, addr in datagrams]
         if datagrams:
             for data, _ in datagrams:
                 self.bytes_sent += len(data)
+            self._unanswered = 0
             if len(self._path_by_addr) == 1:
                 self.path.send(datagrams)
             else:
@@ -306,7 +337,14 @@ class QuicPeerConnection:
             if self._drain_watch:  # qh3 counts a stream's unsent bytes: what just left frees writers
                 for transport in list(self._drain_watch):
                     transport._on_sent()  # noqa: SLF001
-        timer_at = quic.get_timer()
+        core = quic._core  # noqa: SLF001 (the timer's kind is on the native core only)
+        timer = core.get_timer() if core is not None else None
+        timer_at = None if timer is None else timer[1]
+        if timer is not None and timer[0] == "ack_application" and not answer_now(
+                handshake_done=self._handshake_done.done(), unanswered_datagrams=self._unanswered,
+                queued_bytes=core.get_send_buffer_size(), bytes_in_flight=core.bytes_in_flight):
+            # qh3 would send an ACK alone 1 ms after a lone request; give its reply the chance to carry it (acks.py)
+            timer_at = max(timer_at, self._last_received + ACK_DELAY_S)
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
@@ -597,7 +635,22 @@ class QuicPeerConnection:
 class LeanQuicConnection(QuicConnection):
     """qh3's connection without its per-datagram packet logging: `datagrams_to_send` parses every
     packet header it sends in Python for a logger we never set (measured: most of a bulk sender's
-    time outside the native core)."""
+    time outside the native core), and the receive calls slice each datagram for it."""
+
+    def receive_many_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        if self._core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_many_datagrams(datagrams, addr, now)
+            return
+        self._call_core(self._core.receive_many_datagrams, datagrams, self._normalize_address(addr), now)
+        self._drain_core()
+
+    def receive_gro_buffer(self, buffer: bytes, segment_size: int, addr: Any, now: float) -> None:
+        # qh3's own slices a copy of every datagram for the logger, before the core gets the buffer
+        if self._core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_gro_buffer(buffer, segment_size, addr, now)
+            return
+        self._call_core(self._core.receive_gro_buffer, buffer, segment_size, self._normalize_address(addr), now)
+        self._drain_core()
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         core = self._core
