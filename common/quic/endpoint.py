@@ -307,6 +307,16 @@ class QuicEndpoint:
                 continue
             if not data:
                 continue
+            if segment and len(data) > segment and not (relays and addr in relays):
+                connection = self._gro_connection(data, segment)
+                if connection is not None:
+                    try:
+                        connection._gro_received(data, segment, addr, now, socket_path)
+                    except Exception:
+                        log.exception("dropping datagrams qh3 could not handle")
+                        continue
+                    touched[connection] = None
+                    continue
             for datagram in ([data] if not segment or len(data) <= segment else
                              [data[i:i + segment] for i in range(0, len(data), segment)]):
                 if relays and addr in relays:
@@ -322,6 +332,22 @@ class QuicEndpoint:
             except Exception:
                 log.exception("QUIC connection %r failed while processing input", connection)
                 connection._close(CLOSE_PROTOCOL, "internal error")
+
+    def _gro_connection(self, data: bytes, segment: int) -> QuicPeerConnection | None:
+        """The connection a GRO burst belongs to, if all of it is short-header packets of one
+        connection (the usual case: one peer's burst); None: route it datagram by datagram (two
+        connections between the same two sockets, a handshake, STUN)."""
+        if data[0] & 0xC0 != 0x40:  # short header (fixed bit set); STUN and long headers go the slow way
+            return None
+        cid = data[1:1 + CONNECTION_ID_LENGTH]
+        connection = self._by_cid.get(cid)
+        if connection is None:
+            return None
+        end = 1 + CONNECTION_ID_LENGTH
+        for offset in range(segment, len(data), segment):
+            if data[offset] & 0xC0 != 0x40 or data[offset + 1:offset + end] != cid:
+                return None
+        return connection
 
     def _route_quic(self, data: bytes, addr: tuple, path: DatagramPath, now: float,
                     touched: dict[QuicPeerConnection, None]) -> None:
