@@ -17,7 +17,6 @@ from qh3.quic.packet import QuicErrorCode, stream_is_client_initiated
 
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError
-from common.quic.acks import ACK_DELAY_S, answer_now
 from common.quic.auth import (answer_server, authorize_dialer, challenge_dialer, check_verdict, pinned_server_id,
                               verdict_frame)
 from common.quic.limits import (AUTH_FRAME_MAX_BYTES, AUTH_STREAM_ID, CLOSE_AUTH_FAILED, CLOSE_AUTH_REJECTED,
@@ -78,7 +77,6 @@ class QuicPeerConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
-        self._unanswered = 0  # datagrams received since we last sent (common/quic/acks.py)
         self._keepalive: asyncio.TimerHandle | None = None
         self._handshake_done: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -242,7 +240,6 @@ class QuicPeerConnection:
         """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
-        self._unanswered += 1
         self._note_source(addr, path)
         self._inbox.append(data)
 
@@ -251,7 +248,6 @@ class QuicPeerConnection:
         the last may be shorter): handed to qh3 whole, with no Python work per datagram."""
         self._last_received = now
         self.bytes_received += len(buffer)
-        self._unanswered += -(-len(buffer) // segment)
         self._note_source(addr, path)
         self._feed()
         self._quic.receive_gro_buffer(buffer, segment, self._last_addr, now)
@@ -313,23 +309,13 @@ class QuicPeerConnection:
         quic = self._quic
         if self._credit_out:
             self._send_credit()
-        now = self._loop.time()
-        core = quic._core  # noqa: SLF001
-        if core is not None:
-            timer = core.get_timer()
-            if timer is not None and timer[0] == "ack_application" and timer[1] > now and core.get_send_buffer_size() > 0:
-                # qh3 writes an ACK only once its delay is up, so a reply within that 1 ms went out
-                # without it, and the ACK alone a moment later: fire that timer now (an ACK may
-                # always go early), so the data carries it (acks.py).
-                core.handle_timer(timer[1])
-        datagrams = quic.datagrams_to_send(now=now)
+        datagrams = quic.datagrams_to_send(now=self._loop.time())
         if datagrams and self._quic_peer_address is not None:
             moved = self._quic_peer_address
             datagrams = [(data, self._send_address if addr == moved else addr) for data, addr in datagrams]
         if datagrams:
             for data, _ in datagrams:
                 self.bytes_sent += len(data)
-            self._unanswered = 0
             if len(self._path_by_addr) == 1:
                 self.path.send(datagrams)
             else:
@@ -337,14 +323,7 @@ class QuicPeerConnection:
             if self._drain_watch:  # qh3 counts a stream's unsent bytes: what just left frees writers
                 for transport in list(self._drain_watch):
                     transport._on_sent()  # noqa: SLF001
-        core = quic._core  # noqa: SLF001 (the timer's kind is on the native core only)
-        timer = core.get_timer() if core is not None else None
-        timer_at = None if timer is None else timer[1]
-        if timer is not None and timer[0] == "ack_application" and not answer_now(
-                handshake_done=self._handshake_done.done(), unanswered_datagrams=self._unanswered,
-                queued_bytes=core.get_send_buffer_size(), bytes_in_flight=core.bytes_in_flight):
-            # qh3 would send an ACK alone 1 ms after a lone request; give its reply the chance to carry it (acks.py)
-            timer_at = max(timer_at, self._last_received + ACK_DELAY_S)
+        timer_at = quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None
