@@ -240,6 +240,20 @@ class QuicPeerConnection:
         """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
+        self._note_source(addr, path)
+        self._inbox.append(data)
+
+    def _gro_received(self, buffer: bytes, segment: int, addr: tuple, now: float, path: "DatagramPath") -> None:
+        """A burst of this connection's datagrams that UDP GRO read at once (`segment` bytes each,
+        the last may be shorter): handed to qh3 whole, with no Python work per datagram."""
+        self._last_received = now
+        self.bytes_received += len(buffer)
+        self._note_source(addr, path)
+        self._feed()
+        self._quic.receive_gro_buffer(buffer, segment, self._last_addr, now)
+        self._follow_migration()
+
+    def _note_source(self, addr: tuple, path: "DatagramPath") -> None:
         if addr == self._send_address:
             if self._quic_peer_address is not None:
                 addr = self._quic_peer_address  # where qh3 believes the peer is (move_to)
@@ -252,7 +266,6 @@ class QuicPeerConnection:
             self._feed()  # one address per qh3 call
             self._last_addr = addr
             self._path_by_addr[addr] = path
-        self._inbox.append(data)
 
     def _feed(self) -> None:
         inbox = self._inbox
@@ -264,6 +277,10 @@ class QuicPeerConnection:
             self._quic.receive_datagram(inbox[0], addr, self._last_received)
         else:
             self._quic.receive_many_datagrams(inbox, addr, self._last_received)
+        self._follow_migration()
+
+    def _follow_migration(self) -> None:
+        addr = self._last_addr
         if addr != (self._quic_peer_address or self._send_address):
             core = self._quic._core  # noqa: SLF001
             if core is not None and core.active_path[2] == addr:  # QUIC promoted the peer's new address (a migration)
@@ -600,7 +617,22 @@ class QuicPeerConnection:
 class LeanQuicConnection(QuicConnection):
     """qh3's connection without its per-datagram packet logging: `datagrams_to_send` parses every
     packet header it sends in Python for a logger we never set (measured: most of a bulk sender's
-    time outside the native core)."""
+    time outside the native core), and the receive calls slice each datagram for it."""
+
+    def receive_many_datagrams(self, datagrams: list[bytes], addr: Any, now: float) -> None:
+        if self._core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_many_datagrams(datagrams, addr, now)
+            return
+        self._call_core(self._core.receive_many_datagrams, datagrams, self._normalize_address(addr), now)
+        self._drain_core()
+
+    def receive_gro_buffer(self, buffer: bytes, segment_size: int, addr: Any, now: float) -> None:
+        # qh3's own slices a copy of every datagram for the logger, before the core gets the buffer
+        if self._core is None or not self._handshake_complete or self._quic_logger is not None:
+            super().receive_gro_buffer(buffer, segment_size, addr, now)
+            return
+        self._call_core(self._core.receive_gro_buffer, buffer, segment_size, self._normalize_address(addr), now)
+        self._drain_core()
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
         core = self._core

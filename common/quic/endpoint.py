@@ -36,7 +36,7 @@ from common.quic.auth import Authorize
 from common.quic.connection import LeanQuicConnection as QuicConnection
 from common.quic.connection import QuicPeerConnection
 from common.quic.limits import (CLOSE_AUTH_FAILED, CLOSE_NORMAL, CLOSE_PROTOCOL, CONNECTION_ID_LENGTH,
-                                CONNECTION_RECEIVE_WINDOW, LOOPBACK_DATAGRAM, MAX_UNAUTHENTICATED,
+                                CONNECTION_RECEIVE_WINDOW, MAX_UNAUTHENTICATED,
                                 MAX_UNAUTHENTICATED_PER_SOURCE, QH3_SERVER_DATAGRAM, RECEIVE_BATCH, SMALLEST_DATAGRAM,
                                 STREAM_RECEIVE_WINDOW, datagram_size_for)
 from common.quic.paths import (GRO_CMSG_SPACE, DatagramPath, UdpSocketPath, enable_gro, enable_icmp_errors,
@@ -181,13 +181,12 @@ class QuicEndpoint:
         # qh3 also advertises this as max_udp_payload_size, which caps what the peer sends us:
         # bounded by the host's network and by the path (a relay's own limit), not by the
         # client's first Initial.
-        size = min(self.max_datagram_size or datagram_size_for(host), LOOPBACK_DATAGRAM)
+        size = min(self.max_datagram_size or datagram_size_for(host), QH3_SERVER_DATAGRAM)
         if path_limit is not None:
             size = min(size, path_limit)
-        if not is_client:
-            # qh3's server never sends above 1472 bytes, and with a larger setting cannot open a
-            # path to a peer's new address ("path allocation failed": relayed -> direct broke).
-            size = min(size, QH3_SERVER_DATAGRAM)
+        # (qh3's server never sends above 1472 bytes, and with a larger setting cannot open a path
+        # to a peer's new address: "path allocation failed", relayed -> direct broke. A client's
+        # larger setting bought nothing: the server advertises 1472, so the client keeps to it.)
         config = QuicConfiguration(
             is_client=is_client, alpn_protocols=[self.alpn], idle_timeout=self.idle_timeout,
             max_datagram_size=max(SMALLEST_DATAGRAM, size), connection_id_length=CONNECTION_ID_LENGTH,
@@ -310,6 +309,16 @@ class QuicEndpoint:
                 continue
             if not data:
                 continue
+            if segment and len(data) > segment and not (relays and addr in relays):
+                connection = self._gro_connection(data, segment)
+                if connection is not None:
+                    try:
+                        connection._gro_received(data, segment, addr, now, socket_path)
+                    except Exception:
+                        log.exception("dropping datagrams qh3 could not handle")
+                        continue
+                    touched[connection] = None
+                    continue
             for datagram in ([data] if not segment or len(data) <= segment else
                              [data[i:i + segment] for i in range(0, len(data), segment)]):
                 if relays and addr in relays:
@@ -325,6 +334,22 @@ class QuicEndpoint:
             except Exception:
                 log.exception("QUIC connection %r failed while processing input", connection)
                 connection._close(CLOSE_PROTOCOL, "internal error")
+
+    def _gro_connection(self, data: bytes, segment: int) -> QuicPeerConnection | None:
+        """The connection a GRO burst belongs to, if all of it is short-header packets of one
+        connection (the usual case: one peer's burst); None: route it datagram by datagram (two
+        connections between the same two sockets, a handshake, STUN)."""
+        if data[0] & 0xC0 != 0x40:  # short header (fixed bit set); STUN and long headers go the slow way
+            return None
+        cid = data[1:1 + CONNECTION_ID_LENGTH]
+        connection = self._by_cid.get(cid)
+        if connection is None:
+            return None
+        end = 1 + CONNECTION_ID_LENGTH
+        for offset in range(segment, len(data), segment):
+            if data[offset] & 0xC0 != 0x40 or data[offset + 1:offset + end] != cid:
+                return None
+        return connection
 
     def _route_quic(self, data: bytes, addr: tuple, path: DatagramPath, now: float,
                     touched: dict[QuicPeerConnection, None]) -> None:

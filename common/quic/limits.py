@@ -6,9 +6,8 @@ import ipaddress
 CONNECTION_ID_LENGTH = 8
 SMALLEST_DATAGRAM = 1200
 # Per-packet work (Python's, around qh3's native core) dominates the cost, so carry as much per
-# datagram as the path allows. Loopback's MTU is 64 KiB; 16 KiB was aioquic's ceiling (2-byte
-# STREAM frame lengths) and stays the loopback size.
-LOOPBACK_DATAGRAM = 16384
+# datagram as the path allows: on loopback that is qh3 2.1's own ceiling (a server never sends
+# more, and advertises it, so neither side of a connection does).
 QH3_SERVER_DATAGRAM = 1472   # qh3 2.1's server: its most per datagram (and what it advertises)
 LAN_DATAGRAM = 1452           # 1500-byte Ethernet MTU minus IP/UDP headers, with margin
 STREAM_RECEIVE_WINDOW = 4 << 20   # unconsumed bytes a writer may have outstanding per stream
@@ -33,8 +32,8 @@ MAX_REASON_CHARS = 300
 
 
 def datagram_size_for(host: str) -> int:
-    """Largest datagram we send to `host` without path-MTU discovery: the loopback MTU is
-    64 KiB; on private/link-local networks we assume Ethernet; elsewhere QUIC's minimum."""
+    """Largest datagram we send to `host` without path-MTU discovery: on loopback qh3's ceiling
+    (the MTU is 64 KiB); on private/link-local networks we assume Ethernet; elsewhere QUIC's minimum."""
     try:
         ip = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -42,7 +41,7 @@ def datagram_size_for(host: str) -> int:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     if ip.is_loopback:
-        return LOOPBACK_DATAGRAM
+        return QH3_SERVER_DATAGRAM
     if ip.is_private or ip.is_link_local:
         return LAN_DATAGRAM
     return SMALLEST_DATAGRAM
