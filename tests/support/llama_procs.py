@@ -56,7 +56,8 @@ class ServerProcess:
 
 
 def start_rpc_server(bins: Binaries, log_dir: Path, *, name: str = "rpc-server", threads: int | None = None,
-                     gguf: Path | None = None, timeout: float = 30.0, tls: list[str] = ()) -> ServerProcess:
+                     gguf: Path | None = None, timeout: float = 30.0, tls: list[str] = (),
+                     env: dict[str, str] | None = None) -> ServerProcess:
     """ggml-rpc-server on 127.0.0.1 only (without `tls`, its --tls-* flags, it is insecure by design), ready
     to accept."""
     port = free_port()
@@ -65,7 +66,7 @@ def start_rpc_server(bins: Binaries, log_dir: Path, *, name: str = "rpc-server",
         args += ["-t", str(threads)]
     if gguf:  # our patch: load weights from this local file instead of receiving them
         args += ["--gguf", str(gguf)]
-    server = ServerProcess(name, popen_in_own_session(args, log_path=log_dir / f"{name}.log"),
+    server = ServerProcess(name, popen_in_own_session(args, log_path=log_dir / f"{name}.log", env=env),
                            "127.0.0.1", port, log_dir / f"{name}.log")
     deadline = time.monotonic() + timeout
     while True:
