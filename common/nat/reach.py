@@ -19,7 +19,7 @@ from typing import Callable
 from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
-from common.nat.candidates import dial_order, home_network
+from common.nat.candidates import MOVE_USE_SOCKET, dial_order, home_network, plan_move
 from common.nat.transactions import answered_with_retransmits
 from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
@@ -275,3 +275,31 @@ def _local_hosts(bound: str) -> set[str]:
         return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
     except Exception:
         return set()
+
+
+def plain_address(addr) -> tuple[str, int]:
+    """An address as candidates and checks name it: IPv4 without the dual-stack socket's ::ffff: prefix."""
+    host = str(addr[0])
+    return (host[7:] if host.startswith("::ffff:") else host), int(addr[1])
+
+
+def follow_answered_check(conn: QuicPeerConnection, reach: EndpointReach, peer_relays: set,
+                          peer_candidates: list | None, what: str) -> None:
+    """Move a relayed connection we dialed to a direct path once a connectivity check answered
+    (common.nat.candidates.plan_move): through our relay, to the same peer address on our own socket
+    (a QUIC migration); to the peer's relay, to its direct candidate that answered (`move_to`)."""
+    socket_path = reach.endpoint.socket_path
+    if conn.is_closed or socket_path is None:
+        return
+    remote = plain_address(conn.remote_address)
+    move = plan_move(conn.dialed, conn.path_kind == "relayed", remote, peer_relays,
+                     reach.answered(remote) is not None,
+                     reach.best_answered(peer_candidates, peer_relays) if peer_candidates is not None else None)
+    if move is None:
+        return
+    if move[0] == MOVE_USE_SOCKET:
+        log.info("%s %s: relayed -> direct (a check through the NAT answered)", what, conn.peer_node_id[:8])
+        conn.use_path(socket_path)
+    else:
+        log.info("%s %s: its relay -> direct at %s:%d (a check answered)", what, conn.peer_node_id[:8], *move[1])
+        conn.move_to(reach.endpoint.sockaddr(*move[1]), socket_path)

@@ -34,8 +34,8 @@ from typing import Any, Awaitable, Callable
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError, NodeIdentity
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.nat.candidates import MOVE_USE_SOCKET, gather, plan_move
-from common.nat.reach import EndpointReach, race_dial
+from common.nat.candidates import gather
+from common.nat.reach import EndpointReach, follow_answered_check, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
 from common.quic.retry import HandshakeSlots
@@ -332,22 +332,11 @@ class TunnelService:
                          | {a.relayed[0] for a in self.relays if a.relayed})
             for allocation in self.relays:
                 allocation.permit([ip for ip in ips if not ip.startswith("127.")])
-        socket_path = self._quic.socket_path if self._quic is not None else None
         candidates = {peer.node_id: peer.quic for peer in peers}
         for connection in live:
-            if socket_path is None or connection.peer_node_id not in candidates:
-                continue
-            move = plan_move(connection.dialed, connection.path_kind == "relayed", tuple(connection.remote_address),
-                             relay_addrs, self.reach.answered(connection.remote_address) is not None,
-                             self.reach.best_answered(candidates[connection.peer_node_id], relay_addrs))
-            if move is None:
-                continue
-            if move[0] == MOVE_USE_SOCKET:
-                log.info("QUIC lane to %s: relayed -> direct", connection.peer_node_id[:8])
-                connection.use_path(socket_path)
-            else:
-                log.info("QUIC lane to %s: its relay -> direct at %s:%d", connection.peer_node_id[:8], *move[1])
-                connection.move_to(self._quic.sockaddr(*move[1]), socket_path)
+            if connection.peer_node_id in candidates:
+                follow_answered_check(connection, self.reach, relay_addrs, candidates[connection.peer_node_id],
+                                      "QUIC lane to")
 
     async def close(self) -> None:
         self._closing = True

@@ -12,16 +12,14 @@ answered put their address first in the dial order.
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import MOVE_USE_SOCKET, behind_nat, gather, path_kind, plan_move
-from common.nat.reach import EndpointReach, NatState
+from common.nat.candidates import behind_nat, gather, path_kind
+from common.nat.reach import EndpointReach, NatState, follow_answered_check, plain_address
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
 
-log = logging.getLogger("meshd")
 
 PUNCH_INTERVAL_S = 1.0
 
@@ -77,28 +75,10 @@ def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach,
     answers on our own socket: through our relay, to the same peer address (a QUIC migration);
     to the peer's relay, to the peer's direct candidate that answered (`move_to`). The dialer
     moves, so the two ends never move at once."""
-    socket_path = reach.endpoint.socket_path
     for conn in conns:
-        if conn.is_closed or socket_path is None:
-            continue
         ann = (announcements or {}).get(conn.peer_node_id)
-        peer_relays = {_plain(a) for a in ann.relay_addrs} if ann is not None else set()
-        move = plan_move(conn.dialed, conn.path_kind == "relayed", _plain(conn.remote_address), peer_relays,
-                         reach.answered(_plain(conn.remote_address)) is not None,
-                         reach.best_answered(ann.mesh_addrs, peer_relays) if ann is not None else None)
-        if move is None:
-            continue
-        if move[0] == MOVE_USE_SOCKET:
-            log.info("path to %s: relayed -> direct (a check through the NAT answered)", conn.peer_node_id[:8])
-            conn.use_path(socket_path)
-        else:
-            log.info("path to %s: its relay -> direct at %s:%d (a check answered)", conn.peer_node_id[:8], *move[1])
-            conn.move_to(reach.endpoint.sockaddr(*move[1]), socket_path)
-
-
-def _plain(addr) -> tuple[str, int]:
-    host = str(addr[0])
-    return (host[7:] if host.startswith("::ffff:") else host), int(addr[1])
+        peer_relays = {plain_address(a) for a in ann.relay_addrs} if ann is not None else set()
+        follow_answered_check(conn, reach, peer_relays, ann.mesh_addrs if ann is not None else None, "path to")
 
 
 async def punch_forever(reach: EndpointReach, unconnected: Callable[[], list[list]]) -> None:
