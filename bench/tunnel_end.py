@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,6 +52,16 @@ async def host(home: str, prefer: str, peers: list[str]) -> None:
     await serve_until_stdin_closes(service)
 
 
-if __name__ == "__main__":
+def main() -> None:
     role, *rest = sys.argv[1:]
     asyncio.run(worker(*rest) if role == "worker" else host(rest[0], rest[1], rest[2:]))
+
+
+if __name__ == "__main__":
+    # MESH_TUNNEL_PROFILE=DIR: each end writes a cProfile of its whole run to DIR/<role>.prof (to
+    # count the Python calls a decode token costs on the lane: bench_product's QUIC analysis).
+    if profile_dir := os.environ.get("MESH_TUNNEL_PROFILE"):
+        import cProfile
+        cProfile.run("main()", str(Path(profile_dir) / f"{sys.argv[1]}.prof"))
+    else:
+        main()
