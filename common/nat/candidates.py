@@ -93,3 +93,19 @@ def plan_move(dialed: bool, sending_relayed: bool, remote: Address, peer_relay_a
     if (remote[0], int(remote[1])) in peer_relay_addrs and best_direct is not None:
         return MOVE_TO_DIRECT, best_direct
     return None
+
+
+def socket_mappings(behaviour: str, seen_by: list[Address | None], exclude: list[Address]) -> list[Address]:
+    """Behind a symmetric NAT, every public mapping our socket's flows got (`seen_by`: how each
+    relay and each STUN server saw us), for peers to check beside `gather`'s prediction. Useless
+    while the NAT maps per destination; right once it keeps one mapping per socket (reconfigured):
+    Linux, and NATs like it, then give a socket's new flows the mapping of one of its live flows,
+    any of them (a NAT keeps an idle mapping 2 minutes or more, RFC 4787), so a STUN server's
+    mapping may be the one our checks leave with, not the relay's."""
+    if behaviour != "symmetric":
+        return []
+    out: list[Address] = []
+    for addr in seen_by:
+        if addr is not None and (addr[0], int(addr[1])) not in out and (addr[0], int(addr[1])) not in exclude:
+            out.append((addr[0], int(addr[1])))
+    return out

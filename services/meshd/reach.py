@@ -15,7 +15,7 @@ import asyncio
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import behind_nat, gather, path_kind
+from common.nat.candidates import behind_nat, gather, path_kind, socket_mappings
 from common.nat.reach import EndpointReach, NatState, follow_answered_check, plain_address
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
@@ -42,13 +42,12 @@ def announcement_fields(state: NatState, relays: list[TurnAllocation], data_rela
                            [tuple(r.relayed) for r in data_relays or [] if r.relayed is not None]}
 
 
-def mapped_candidates(state: NatState, relays: list) -> list[tuple[str, int]]:
-    """Behind a symmetric NAT: how each relay saw our socket (its XOR-MAPPED-ADDRESS). Useless while
-    the NAT maps per destination; right once it keeps one mapping per socket (reconfigured), so
-    that peers' checks there open their NATs toward us."""
-    if state.behaviour != "symmetric":
-        return []
-    return [tuple(a.mapped) for a in relays if a.mapped is not None]
+def mapped_candidates(state: NatState, relays: list, exclude: list | None = None) -> list[tuple[str, int]]:
+    """Behind a symmetric NAT: how each relay and each STUN server saw our socket (see
+    common.nat.candidates.socket_mappings), so that peers' checks there open their NATs toward us
+    once the NAT keeps one mapping per socket, whichever of them it keeps."""
+    return socket_mappings(state.behaviour, [a.mapped for a in relays] + [s.mapped for s in state.servers],
+                           exclude or [])
 
 
 def relay_candidates(relays: list[TurnAllocation]) -> list[tuple[str, int]]:
