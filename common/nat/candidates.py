@@ -51,6 +51,14 @@ def path_kind(remote: Address, peer_host_addrs: list[Address], peer_behind_nat: 
     return PATH_PUNCHED if translated and me_behind_nat else PATH_DIRECT
 
 
+def through_relay(sending_relayed: bool, remote: Address, relay_addrs: set[Address]) -> bool:
+    """A connection goes through a relay: ours (we send through our allocation), or a peer's (we
+    reach the peer at one of `relay_addrs`, members' relayed addresses). One rule for meshd's mesh
+    connections and gatewayd's QUIC lane (which punch and move while it holds)."""
+    host = remote[0][7:] if remote[0].startswith("::ffff:") else remote[0]
+    return sending_relayed or (host, int(remote[1])) in {(h, int(p)) for h, p in relay_addrs}
+
+
 def behind_nat(behaviour: str) -> bool:
     """From a NatReport.behaviour: STUN saw a public mapping that is not our own address."""
     return behaviour not in ("", "unknown", "no NAT")

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError, NodeIdentity
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.nat.candidates import gather, socket_mappings
+from common.nat.candidates import gather, socket_mappings, through_relay
 from common.nat.reach import EndpointReach, follow_answered_check, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
@@ -318,7 +318,7 @@ class TunnelService:
         relay_addrs = relay_addrs or set()
 
         def relayed(c: QuicPeerConnection) -> bool:
-            return c.path_kind == "relayed" or tuple(c.remote_address) in relay_addrs
+            return through_relay(c.path_kind == "relayed", c.remote_address, relay_addrs)
         # Every live connection to a peer counts: two that crossed (both ends dialed at once) both carry
         # tunnels, whichever of them _quic_connections names.
         live = self._quic.connections if self._quic is not None else []

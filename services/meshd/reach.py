@@ -15,7 +15,7 @@ import asyncio
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import behind_nat, gather, path_kind, socket_mappings
+from common.nat.candidates import behind_nat, gather, path_kind, socket_mappings, through_relay
 from common.nat.reach import EndpointReach, NatState, follow_answered_check, plain_address
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
@@ -64,8 +64,8 @@ def permitted_ips(announcements: list[Announcement], relays: list[TurnAllocation
 
 def relayed(conn: QuicPeerConnection, ann: Announcement | None) -> bool:
     """Through a relay: ours (our sending path), or the peer's (we reach it at its relayed address)."""
-    return conn.path_kind == "relayed" or (ann is not None and tuple(conn.remote_address) in
-                                           {tuple(a) for a in ann.relay_addrs})
+    return through_relay(conn.path_kind == "relayed", conn.remote_address,
+                         {tuple(a) for a in ann.relay_addrs} if ann is not None else set())
 
 
 def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach,

@@ -6,7 +6,7 @@ from aioice import stun as aioice_stun
 
 from common.addresses import parse_host_port
 from common.nat import stun
-from common.nat.candidates import behind_nat, dial_order, gather, path_kind, socket_mappings
+from common.nat.candidates import behind_nat, dial_order, gather, path_kind, socket_mappings, through_relay
 
 LOCAL = {"10.0.0.2"}
 
@@ -164,3 +164,11 @@ def test_socket_mappings_offers_every_mapping_the_socket_got_behind_a_symmetric_
     assert socket_mappings("symmetric", [relay, stun_a, None, stun_b], [predicted]) == [relay, stun_b]
     assert socket_mappings("symmetric", [predicted, stun_b], [predicted]) == [stun_b]
     assert socket_mappings("endpoint-independent", [relay, stun_b], []) == []  # gather's public mapping is the one
+
+
+def test_through_relay_is_our_relayed_path_or_a_peers_relayed_address() -> None:
+    peer_relay = ("203.0.113.3", 49974)
+    assert through_relay(True, ("203.0.113.101", 4000), set())  # we send through our allocation
+    assert through_relay(False, ("::ffff:203.0.113.3", 49974, 0, 0), {peer_relay})  # a dual-stack socket's form
+    assert not through_relay(False, ("203.0.113.3", 49975), {peer_relay})
+    assert not through_relay(False, ("203.0.113.101", 4000), {peer_relay})
