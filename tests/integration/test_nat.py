@@ -19,11 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import Node
 from tests.support import nat_lab
-from tests.support.nat_lab import RELAY_URL, TURN_PASS, TURN_USER, Site
+from tests.support.nat_lab import (RELAY_URL, STUN_ENV, TURN_PASS, TURN_USER, Site, ask, in_netns, mesh,
+                                   relay_bytes, try_token, wait_split_serving)
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.slow
-STUN_ENV = {"MESH_STUN": ",".join(nat_lab.STUN_SERVERS)}  # = --stun A --stun B
 RELAY_ENV = STUN_ENV | {"MESH_RELAY": RELAY_URL}
 
 
@@ -52,42 +52,11 @@ def relay_lab(tmp_path):
         yield lab
 
 
-@contextlib.contextmanager
-def mesh(tmp_path: Path, public: Site, *members: tuple[str, Site, list[str], dict]):
-    """The rendezvous node P on `public`, then every member (name, site, flags, env) joining its token.
-    Yields (seconds-clock time the joins started, [P, *members]); every node stops at the end."""
-    p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
-    nodes = [Node(tmp_path / name, netns=site.ns, extra=extra, env=env) for name, site, extra, env in members]
-    try:
-        p.start()
-        token = wait_until(lambda: try_token(p), timeout=120, interval=0.5, what="P's token") if nodes else ""
-        started = time.monotonic()
-        for n in nodes:
-            n.start("--join", token)
-        yield started, [p, *nodes]
-    finally:
-        for n in [*reversed(nodes), p]:
-            n.stop()
-
-
-def try_token(node: Node) -> str | None:
-    """The node's token, or None while meshctl is slow to answer (a loaded machine)."""
-    try:
-        return node.token()
-    except subprocess.TimeoutExpired:
-        return None
-
-
 def peer(node: Node, other: Node) -> dict | None:
     for p in node.status().get("meshd", {}).get("peers", []):
         if p["announcement"]["node_id"] == other.node_id():
             return p
     return None
-
-
-def in_netns(node: Node, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
 
 
 def http_get(node: Node, path: str) -> str:
@@ -114,13 +83,6 @@ def path_of(node: Node, other: Node) -> str | None:
     return (p.get("path") or {}).get("path") if p and p["connected"] else None
 
 
-def ask(node: Node, max_tokens: int = 8, timeout: float = 180) -> dict:
-    """One streamed chat at `node`'s :9337 (tests/support/ask.py): status, seconds, decode rates."""
-    out = in_netns(node, "-m", "tests.support.ask", node.api, str(max_tokens), str(timeout), timeout=timeout + 30)
-    assert out.returncode == 0, out.stderr
-    return json.loads(out.stdout)
-
-
 def answers(node: Node, max_tokens: int = 8) -> dict | None:
     answer = ask(node, max_tokens)
     return answer if answer["status"] == 200 and answer["tokens"] > 0 else None
@@ -130,16 +92,6 @@ def decode_tok_s(node: Node, max_tokens: int = 48) -> float | None:
     """llama-server's own decode speed for one answer asked at `node`'s :9337 (None if no answer)."""
     answer = answers(node, max_tokens)
     return None if answer is None else (answer["server_tok_s"] or -1.0)
-
-
-def wait_split_serving(host: Node, members: set[str]) -> None:
-    wait_until(lambda: {m["node_id"] for m in host.status().get("electd", {}).get("members", [])} == members
-               and host.runner().get("llama", {}).get("state") == "ready", timeout=300, interval=1.0,
-               what="the split serving")
-
-
-def relay_bytes(nodes: list[Node], service: str = "meshd") -> int:
-    return sum(r["bytes_out"] + r["bytes_in"] for n in nodes for r in n.status()[service].get("relays", []))
 
 
 def test_two_homes_behind_cone_nats_get_a_punched_path(lab, tmp_path):

@@ -4,13 +4,18 @@ masquerade routers that drop unsolicited inbound traffic, as home routers do (DE
 2026-12-01). Every namespace name carries a random tag; `close()` removes them all."""
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
 import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.integration.harness import Node
 from tests.support.procs import kill_process_tree, wait_until
 
 PUBLIC_PREFIX = "203.0.113"
@@ -20,6 +25,7 @@ STUN_SERVERS = (f"{STUN_IP}:3478", f"{STUN2_IP}:3478")  # two, to tell cone from
 TURN_USER = "meshuser"
 TURN_PASS = "s3cret-relay-pass"
 RELAY_URL = f"turn:{TURN_USER}:{TURN_PASS}@{STUN_IP}:3478"
+STUN_ENV = {"MESH_STUN": ",".join(STUN_SERVERS)}  # = --stun A --stun B
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -219,3 +225,53 @@ table inet fw {{
 def _udp_listening(ns: str, ip: str, port: int) -> bool:
     out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hlun"], capture_output=True, text=True).stdout
     return f"{ip}:{port}" in out
+
+
+# --- meshes in the lab (tests/integration/test_nat.py and bench/bench_nat_paths.py) ---------------
+
+@contextlib.contextmanager
+def mesh(tmp_path: Path, public: Site, *members: tuple[str, Site, list[str], dict]):
+    """The rendezvous node P on `public`, then every member (name, site, flags, env) joining its token.
+    Yields (seconds-clock time the joins started, [P, *members]); every node stops at the end."""
+    p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
+    nodes = [Node(tmp_path / name, netns=site.ns, extra=extra, env=env) for name, site, extra, env in members]
+    try:
+        p.start()
+        token = wait_until(lambda: try_token(p), timeout=120, interval=0.5, what="P's token") if nodes else ""
+        started = time.monotonic()
+        for n in nodes:
+            n.start("--join", token)
+        yield started, [p, *nodes]
+    finally:
+        for n in [*reversed(nodes), p]:
+            n.stop()
+
+
+def try_token(node: Node) -> str | None:
+    """The node's token, or None while meshctl is slow to answer (a loaded machine)."""
+    try:
+        return node.token()
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def in_netns(node: Node, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
+
+
+def ask(node: Node, max_tokens: int = 8, timeout: float = 180) -> dict:
+    """One streamed chat at `node`'s :9337 (tests/support/ask.py): status, seconds, decode rates."""
+    out = in_netns(node, "-m", "tests.support.ask", node.api, str(max_tokens), str(timeout), timeout=timeout + 30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_split_serving(host: Node, members: set[str]) -> None:
+    wait_until(lambda: {m["node_id"] for m in host.status().get("electd", {}).get("members", [])} == members
+               and host.runner().get("llama", {}).get("state") == "ready", timeout=300, interval=1.0,
+               what="the split serving")
+
+
+def relay_bytes(nodes: list[Node], service: str = "meshd") -> int:
+    return sum(r["bytes_out"] + r["bytes_in"] for n in nodes for r in n.status()[service].get("relays", []))
