@@ -34,8 +34,8 @@ def my_candidates(host_addrs: list[tuple[str, int]], state: NatState) -> list[tu
 
 def announcement_fields(state: NatState, relays: list[TurnAllocation], data_relays: list | None = None) -> dict:
     """What the announcement says about our reach (`nat`, `public_addrs`, `relay_addrs`)."""
-    # Even a symmetric NAT's mapping is announced: not to be dialed (mesh_addrs leaves it out), but its
-    # IP is the one a member's relay must let in.
+    # Even a symmetric NAT's mapping is announced: its IP is the one a member's relay must let in (mesh_addrs
+    # offers it for checks only after the predicted port: mapped_candidates).
     public = [state.public] if state.public is not None else []
     return {"nat": state.behaviour if state.servers else "", "public_addrs": public,
             "relay_addrs": [a.relayed for a in relays if a.relayed is not None] +
