@@ -119,7 +119,7 @@ def build_lab(lab: nat_lab.NatLab) -> dict[str, tuple]:
 
 
 def run(args, model: Path, work: Path) -> dict:
-    from tests.integration.test_nat import ask, mesh, relay_bytes, wait_split_serving
+    from tests.support.nat_lab import ask, mesh, relay_bytes, wait_split_serving
     from tests.support.sniff import read_frames
 
     results = {p: PathResult(p) for p in PATHS}

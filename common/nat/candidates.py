@@ -51,6 +51,14 @@ def path_kind(remote: Address, peer_host_addrs: list[Address], peer_behind_nat: 
     return PATH_PUNCHED if translated and me_behind_nat else PATH_DIRECT
 
 
+def through_relay(sending_relayed: bool, remote: Address, relay_addrs: set[Address]) -> bool:
+    """A connection goes through a relay: ours (we send through our allocation), or a peer's (we
+    reach the peer at one of `relay_addrs`, members' relayed addresses). One rule for meshd's mesh
+    connections and gatewayd's QUIC lane (which punch and move while it holds)."""
+    host = remote[0][7:] if remote[0].startswith("::ffff:") else remote[0]
+    return sending_relayed or (host, int(remote[1])) in {(h, int(p)) for h, p in relay_addrs}
+
+
 def behind_nat(behaviour: str) -> bool:
     """From a NatReport.behaviour: STUN saw a public mapping that is not our own address."""
     return behaviour not in ("", "unknown", "no NAT")
@@ -93,3 +101,19 @@ def plan_move(dialed: bool, sending_relayed: bool, remote: Address, peer_relay_a
     if (remote[0], int(remote[1])) in peer_relay_addrs and best_direct is not None:
         return MOVE_TO_DIRECT, best_direct
     return None
+
+
+def socket_mappings(behaviour: str, seen_by: list[Address | None], exclude: list[Address]) -> list[Address]:
+    """Behind a symmetric NAT, every public mapping our socket's flows got (`seen_by`: how each
+    relay and each STUN server saw us), for peers to check beside `gather`'s prediction. Useless
+    while the NAT maps per destination; right once it keeps one mapping per socket (reconfigured):
+    Linux, and NATs like it, then give a socket's new flows the mapping of one of its live flows,
+    any of them (a NAT keeps an idle mapping 2 minutes or more, RFC 4787), so a STUN server's
+    mapping may be the one our checks leave with, not the relay's."""
+    if behaviour != "symmetric":
+        return []
+    out: list[Address] = []
+    for addr in seen_by:
+        if addr is not None and (addr[0], int(addr[1])) not in out and (addr[0], int(addr[1])) not in exclude:
+            out.append((addr[0], int(addr[1])))
+    return out

@@ -34,7 +34,7 @@ from typing import Any, Awaitable, Callable
 from common.frames import FrameError, encode_frame, read_frame
 from common.identity import AuthError, NodeIdentity
 from common.quic import PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
-from common.nat.candidates import gather
+from common.nat.candidates import gather, socket_mappings, through_relay
 from common.nat.reach import EndpointReach, follow_answered_check, race_dial
 from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
@@ -300,10 +300,12 @@ class TunnelService:
         return [(h, tcp_port) for h in hosts], self.quic_candidates()
 
     def quic_candidates(self) -> list[tuple[str, int]]:
-        """The QUIC lane's candidates: direct ones, behind a symmetric NAT how our relays saw us
-        (services/meshd/reach.py mapped_candidates says why), then our relays' relayed addresses."""
-        mapped = [a.mapped for a in self.relays if a.mapped is not None and a.mapped not in self.direct_quic] \
-            if self.reach is not None and self.reach.nat.behaviour == "symmetric" else []
+        """The QUIC lane's candidates: direct ones, behind a symmetric NAT how our relays and STUN
+        servers saw us (common.nat.candidates.socket_mappings says why), then our relays' relayed
+        addresses."""
+        mapped = socket_mappings(self.reach.nat.behaviour, [a.mapped for a in self.relays] +
+                                 [s.mapped for s in self.reach.nat.servers], self.direct_quic) \
+            if self.reach is not None else []
         return self.direct_quic + mapped + [a.relayed for a in self.relays if a.relayed is not None]
 
     def punch(self, peers: list[PeerDataAddrs], public_ips: list[str] | None = None,
@@ -316,7 +318,7 @@ class TunnelService:
         relay_addrs = relay_addrs or set()
 
         def relayed(c: QuicPeerConnection) -> bool:
-            return c.path_kind == "relayed" or tuple(c.remote_address) in relay_addrs
+            return through_relay(c.path_kind == "relayed", c.remote_address, relay_addrs)
         # Every live connection to a peer counts: two that crossed (both ends dialed at once) both carry
         # tunnels, whichever of them _quic_connections names.
         live = self._quic.connections if self._quic is not None else []

@@ -131,8 +131,8 @@ class Meshd:
     def listen(self) -> list[tuple[str, int]]:
         """Our candidates: direct ones, then our relays' current relayed addresses (they change when a
         relay restarts)."""
-        return self.direct_listen + [a for a in mapped_candidates(self.reach.nat, self.relays)
-                                     if a not in self.direct_listen] + relay_candidates(self.relays)
+        return self.direct_listen + mapped_candidates(self.reach.nat, self.relays, self.direct_listen) + \
+            relay_candidates(self.relays)
 
     def token(self) -> str:
         return encode_token(InviteToken(self.secret.mesh_id, self.secret.secret, self.me_id, tuple(self.listen)))

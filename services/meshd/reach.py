@@ -15,7 +15,7 @@ import asyncio
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import behind_nat, gather, path_kind
+from common.nat.candidates import behind_nat, gather, path_kind, socket_mappings, through_relay
 from common.nat.reach import EndpointReach, NatState, follow_answered_check, plain_address
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
@@ -34,21 +34,20 @@ def my_candidates(host_addrs: list[tuple[str, int]], state: NatState) -> list[tu
 
 def announcement_fields(state: NatState, relays: list[TurnAllocation], data_relays: list | None = None) -> dict:
     """What the announcement says about our reach (`nat`, `public_addrs`, `relay_addrs`)."""
-    # Even a symmetric NAT's mapping is announced: not to be dialed (mesh_addrs leaves it out), but its
-    # IP is the one a member's relay must let in.
+    # Even a symmetric NAT's mapping is announced: its IP is the one a member's relay must let in (mesh_addrs
+    # offers it for checks only after the predicted port: mapped_candidates).
     public = [state.public] if state.public is not None else []
     return {"nat": state.behaviour if state.servers else "", "public_addrs": public,
             "relay_addrs": [a.relayed for a in relays if a.relayed is not None] +
                            [tuple(r.relayed) for r in data_relays or [] if r.relayed is not None]}
 
 
-def mapped_candidates(state: NatState, relays: list) -> list[tuple[str, int]]:
-    """Behind a symmetric NAT: how each relay saw our socket (its XOR-MAPPED-ADDRESS). Useless while
-    the NAT maps per destination; right once it keeps one mapping per socket (reconfigured), so
-    that peers' checks there open their NATs toward us."""
-    if state.behaviour != "symmetric":
-        return []
-    return [tuple(a.mapped) for a in relays if a.mapped is not None]
+def mapped_candidates(state: NatState, relays: list, exclude: list | None = None) -> list[tuple[str, int]]:
+    """Behind a symmetric NAT: how each relay and each STUN server saw our socket (see
+    common.nat.candidates.socket_mappings), so that peers' checks there open their NATs toward us
+    once the NAT keeps one mapping per socket, whichever of them it keeps."""
+    return socket_mappings(state.behaviour, [a.mapped for a in relays] + [s.mapped for s in state.servers],
+                           exclude or [])
 
 
 def relay_candidates(relays: list[TurnAllocation]) -> list[tuple[str, int]]:
@@ -65,8 +64,8 @@ def permitted_ips(announcements: list[Announcement], relays: list[TurnAllocation
 
 def relayed(conn: QuicPeerConnection, ann: Announcement | None) -> bool:
     """Through a relay: ours (our sending path), or the peer's (we reach it at its relayed address)."""
-    return conn.path_kind == "relayed" or (ann is not None and tuple(conn.remote_address) in
-                                           {tuple(a) for a in ann.relay_addrs})
+    return through_relay(conn.path_kind == "relayed", conn.remote_address,
+                         {tuple(a) for a in ann.relay_addrs} if ann is not None else set())
 
 
 def migrate_relayed(conns: list[QuicPeerConnection], reach: EndpointReach,

@@ -4,13 +4,18 @@ masquerade routers that drop unsolicited inbound traffic, as home routers do (DE
 2026-12-01). Every namespace name carries a random tag; `close()` removes them all."""
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
 import subprocess
+import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.integration.harness import Node
 from tests.support.procs import kill_process_tree, wait_until
 
 PUBLIC_PREFIX = "203.0.113"
@@ -20,6 +25,7 @@ STUN_SERVERS = (f"{STUN_IP}:3478", f"{STUN2_IP}:3478")  # two, to tell cone from
 TURN_USER = "meshuser"
 TURN_PASS = "s3cret-relay-pass"
 RELAY_URL = f"turn:{TURN_USER}:{TURN_PASS}@{STUN_IP}:3478"
+STUN_ENV = {"MESH_STUN": ",".join(STUN_SERVERS)}  # = --stun A --stun B
 
 
 def sh(*args: str, input: str | None = None) -> None:
@@ -94,10 +100,11 @@ table inet fw {
 }""")
         return Site(ns, address)
 
-    def home_site(self, name: str, index: int, *, symmetric: bool = False) -> Site:
+    def home_site(self, name: str, index: int, *, symmetric: bool = False, udp_timeout: int | None = None) -> Site:
         """A host at 10.0.<index>.2 behind a router at 203.0.113.<100+index> that masquerades
         (keeping ports: a cone; `symmetric`: a random port per destination) and drops unsolicited
-        inbound traffic."""
+        inbound traffic. `udp_timeout`: how long it keeps an idle UDP mapping that saw one answer
+        (Linux: 30 s; RFC 4787 REQ-5 asks a NAT for at least 120)."""
         router, host = self._netns(f"r{name}"), self._netns(name)
         public_ip = f"{PUBLIC_PREFIX}.{100 + index}"
         wan_dev = self._plug(router, public_ip)
@@ -109,6 +116,8 @@ table inet fw {
         sh("ip", "-n", host, "link", "set", lan_h, "up")
         sh("ip", "-n", host, "route", "add", "default", "via", f"10.0.{index}.1")
         sh("ip", "netns", "exec", router, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        if udp_timeout is not None:
+            sh("ip", "netns", "exec", router, "sysctl", "-qw", f"net.netfilter.nf_conntrack_udp_timeout={udp_timeout}")
         mode = " random" if symmetric else ""
         sh("ip", "netns", "exec", router, "nft", "-f", "-", input=f"""
 table ip nat {{
@@ -174,33 +183,37 @@ table inet fw {{
         return self._servers_ns
 
     def keep_ports(self, site: Site) -> None:
-        """The site's router stops randomizing ports for new flows and its flows start afresh, as
-        after they idle out, all but those to the relay's TURN port (3478): Linux then maps every
-        new flow of a socket as its remaining flow is mapped (one mapping per socket: hole punching
-        works), and the relayed path carries on meanwhile."""
+        """The site's router stops randomizing ports for new flows, as a user's router does once they
+        switch it to a port-preserving ("cone") NAT mode, and applies that as a router reloads its
+        ruleset: in one step, its flows starting afresh (as after they idle out), all but those to the
+        relay's TURN port (3478), so that the relayed path carries on meanwhile. Linux then maps every
+        new flow of a socket as that socket's remaining flow is mapped (nf_nat's find_appropriate_src:
+        one mapping per socket, so hole punching works; peers learned it from the relay's
+        XOR-MAPPED-ADDRESS). One nft transaction, then the flows deleted in one shell in the router:
+        the cut flows are held for as short a time as the machine allows (a Python loop of
+        `ip netns exec` per flow held them longer under load).
+        A router that kept its old flows instead would keep a punch from ever meeting: the checks we
+        send every second keep refreshing the old random mapping toward the peer, which is not the
+        one the peer checks (#10: the pair stays relayed until it idles out, which it never does)."""
         assert site.router is not None
         out = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "ip", "nat", "post"],
                              capture_output=True, text=True, check=True).stdout
         handle = next(line.rsplit("# handle ", 1)[1].strip() for line in out.splitlines() if "masquerade" in line)
         wan_dev = out.split('oifname "', 1)[1].split('"', 1)[0]
-        sh("ip", "netns", "exec", site.router, "nft", "replace", "rule", "ip", "nat", "post", "handle", handle,
-           "oifname", wan_dev, "masquerade")
-        # No new flow out while the old ones go (one would take over an old flow's mapping).
-        sh("ip", "netns", "exec", site.router, "nft", "insert", "rule", "inet", "fw", "forward", "oifname", wan_dev,
-           "udp", "dport", "!=", "3478", "drop", "comment", '"keep-ports"')
-        flows = subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-L", "-p", "udp"],
-                               capture_output=True, text=True).stdout
-        for line in flows.splitlines():
-            f: dict[str, str] = {}
-            for key, _, value in (kv.partition("=") for kv in line.split() if "=" in kv):
-                f.setdefault(key, value)  # the first of each: the original direction
-            if f.get("dport") != "3478" and {"src", "dst", "sport", "dport"} <= f.keys():
-                subprocess.run(["ip", "netns", "exec", site.router, "conntrack", "-D", "-p", "udp", "-s", f["src"],
-                                "-d", f["dst"], "--sport", f["sport"], "--dport", f["dport"]], capture_output=True)
-        rules = subprocess.run(["ip", "netns", "exec", site.router, "nft", "-a", "list", "chain", "inet", "fw",
-                                "forward"], capture_output=True, text=True, check=True).stdout
-        block = next(line.rsplit("# handle ", 1)[1].strip() for line in rules.splitlines() if "keep-ports" in line)
-        sh("ip", "netns", "exec", site.router, "nft", "delete", "rule", "inet", "fw", "forward", "handle", block)
+        # No new flow may leave while the old ones go (it would take over an old flow's random mapping):
+        # the hold comes in the same transaction as the new rule, and goes once every flow but the
+        # relay's is deleted (this kernel has no conntrack marks to delete them in one call).
+        rules = (f'replace rule ip nat post handle {handle} oifname "{wan_dev}" masquerade\n'
+                 "add table inet keepports\n"
+                 "add chain inet keepports hold { type filter hook forward priority -10; }\n"
+                 f'add rule inet keepports hold oifname "{wan_dev}" udp dport != 3478 drop\n')
+        first_of_each = ('{ split("", f); for (i = 1; i <= NF; i++) { n = index($i, "="); '
+                         'if (n && !(substr($i, 1, n - 1) in f)) f[substr($i, 1, n - 1)] = substr($i, n + 1) } '
+                         'if (f["dport"] != "" && f["dport"] != "3478") print f["src"], f["dst"], f["sport"], f["dport"] }')
+        script = ("nft -f - && conntrack -L -p udp 2>/dev/null | awk '" + first_of_each + "' | "
+                  "while read s d sp dp; do conntrack -D -p udp -s $s -d $d --sport $sp --dport $dp >/dev/null 2>&1; "
+                  "done; nft delete table inet keepports")
+        sh("ip", "netns", "exec", site.router, "sh", "-c", script, input=rules)
 
     def close(self) -> None:
         for proc in self.procs:
@@ -212,3 +225,53 @@ table inet fw {{
 def _udp_listening(ns: str, ip: str, port: int) -> bool:
     out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-Hlun"], capture_output=True, text=True).stdout
     return f"{ip}:{port}" in out
+
+
+# --- meshes in the lab (tests/integration/test_nat.py and bench/bench_nat_paths.py) ---------------
+
+@contextlib.contextmanager
+def mesh(tmp_path: Path, public: Site, *members: tuple[str, Site, list[str], dict]):
+    """The rendezvous node P on `public`, then every member (name, site, flags, env) joining its token.
+    Yields (seconds-clock time the joins started, [P, *members]); every node stops at the end."""
+    p = Node(tmp_path / "p", netns=public.ns, extra=["--client"], env=STUN_ENV)
+    nodes = [Node(tmp_path / name, netns=site.ns, extra=extra, env=env) for name, site, extra, env in members]
+    try:
+        p.start()
+        token = wait_until(lambda: try_token(p), timeout=120, interval=0.5, what="P's token") if nodes else ""
+        started = time.monotonic()
+        for n in nodes:
+            n.start("--join", token)
+        yield started, [p, *nodes]
+    finally:
+        for n in [*reversed(nodes), p]:
+            n.stop()
+
+
+def try_token(node: Node) -> str | None:
+    """The node's token, or None while meshctl is slow to answer (a loaded machine)."""
+    try:
+        return node.token()
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def in_netns(node: Node, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", "netns", "exec", node.netns, sys.executable, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
+
+
+def ask(node: Node, max_tokens: int = 8, timeout: float = 180) -> dict:
+    """One streamed chat at `node`'s :9337 (tests/support/ask.py): status, seconds, decode rates."""
+    out = in_netns(node, "-m", "tests.support.ask", node.api, str(max_tokens), str(timeout), timeout=timeout + 30)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_split_serving(host: Node, members: set[str]) -> None:
+    wait_until(lambda: {m["node_id"] for m in host.status().get("electd", {}).get("members", [])} == members
+               and host.runner().get("llama", {}).get("state") == "ready", timeout=300, interval=1.0,
+               what="the split serving")
+
+
+def relay_bytes(nodes: list[Node], service: str = "meshd") -> int:
+    return sum(r["bytes_out"] + r["bytes_in"] for n in nodes for r in n.status()[service].get("relays", []))

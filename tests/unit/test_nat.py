@@ -6,7 +6,7 @@ from aioice import stun as aioice_stun
 
 from common.addresses import parse_host_port
 from common.nat import stun
-from common.nat.candidates import behind_nat, dial_order, gather, path_kind
+from common.nat.candidates import behind_nat, dial_order, gather, path_kind, socket_mappings, through_relay
 
 LOCAL = {"10.0.0.2"}
 
@@ -154,3 +154,21 @@ def test_only_the_dialer_moves_a_relayed_connection_and_only_once_a_check_got_th
     assert plan_move(False, True, direct, set(), True, None) is None
     assert plan_move(False, False, relay, {relay}, True, direct) is None
     assert plan_move(True, False, direct, {relay}, True, ("203.0.113.102", 40001)) is None
+
+
+def test_socket_mappings_offers_every_mapping_the_socket_got_behind_a_symmetric_nat() -> None:
+    # A NAT reconfigured to keep one mapping per socket gives new flows the mapping of one of the
+    # socket's live flows: the relay's or a STUN server's (seen in the NAT lab: the STUN server's).
+    relay, stun_a, stun_b, predicted = ("203.0.113.9", 41234), ("203.0.113.9", 41234), ("203.0.113.9", 52000), \
+        ("203.0.113.9", 5000)
+    assert socket_mappings("symmetric", [relay, stun_a, None, stun_b], [predicted]) == [relay, stun_b]
+    assert socket_mappings("symmetric", [predicted, stun_b], [predicted]) == [stun_b]
+    assert socket_mappings("endpoint-independent", [relay, stun_b], []) == []  # gather's public mapping is the one
+
+
+def test_through_relay_is_our_relayed_path_or_a_peers_relayed_address() -> None:
+    peer_relay = ("203.0.113.3", 49974)
+    assert through_relay(True, ("203.0.113.101", 4000), set())  # we send through our allocation
+    assert through_relay(False, ("::ffff:203.0.113.3", 49974, 0, 0), {peer_relay})  # a dual-stack socket's form
+    assert not through_relay(False, ("203.0.113.3", 49975), {peer_relay})
+    assert not through_relay(False, ("203.0.113.101", 4000), {peer_relay})
