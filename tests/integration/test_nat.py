@@ -19,8 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.harness import Node
 from tests.support import nat_lab
-from tests.support.nat_lab import (RELAY_URL, STUN_ENV, TURN_PASS, TURN_USER, Site, ask, in_netns, mesh,
-                                   relay_bytes, try_token, wait_split_serving)
+from tests.support.nat_lab import (RELAY_URL, STUN_ENV, TURN_PASS, TURN_USER, ask, in_netns, mesh, relay_bytes,
+                                   wait_split_serving)
 from tests.support.procs import wait_until
 
 pytestmark = pytest.mark.slow
