@@ -249,7 +249,7 @@ class Runnerd:
                 self._plan_changed.set()
 
     def recheck_direct_paths(self) -> None:
-        self.paths.llama_failed(self.plan.key, self.state.rpc_paths)
+        self.paths.llama_failed(self.plan.key, self.state.rpc_paths, self.llama.log_tail(5))
 
     def rpc_endpoints(self, plan: Plan) -> dict[str, str]:
         """Each remote member's --rpc endpoint; NotReady while a direct check is under way."""

@@ -39,11 +39,19 @@ def direct_outcome(key: DirectKey, found: Found, failures: int) -> tuple[Found, 
     return found, why
 
 
+# What llama-server logs when a worker's rpc-server refused its certificate: that worker's allow file does
+# not name this host yet (it learns the plan a moment after us). The tunnel carries TLS to the same server,
+# so it would be refused alike: such a failure is no reason to leave the direct path.
+REFUSED_BY_WORKER = "alert handshake failure"
+
+
 def count_failures(failures: dict[tuple[str, str], int], plan_key: str,
-                   rpc_paths: dict[str, str]) -> dict[tuple[str, str], int]:
+                   rpc_paths: dict[str, str], llama_log_tail: str = "") -> dict[tuple[str, str], int]:
     """The failure counts after llama-server failed with `rpc_paths` (worker -> "direct …" | "tunnel…"):
-    each worker it reached directly gets one more."""
+    each worker it reached directly gets one more, unless a worker refused it (REFUSED_BY_WORKER)."""
     out = dict(failures)
+    if REFUSED_BY_WORKER in llama_log_tail:
+        return out
     for worker, path in rpc_paths.items():
         if path.startswith("direct"):
             out[(plan_key, worker)] = out.get((plan_key, worker), 0) + 1
@@ -88,10 +96,10 @@ class DirectPaths:
             log.info("rpc path to %s: %s", key[1][:8], f"direct TLS {found[0]}:{found[1]}" if found else f"tunnel ({why})")
         return bool(keys)
 
-    def llama_failed(self, plan_key: str, rpc_paths: dict[str, str]) -> None:
+    def llama_failed(self, plan_key: str, rpc_paths: dict[str, str], llama_log_tail: str = "") -> None:
         """llama-server failed: a direct path that connected at the check may not now (the next start re-checks);
         a worker whose direct path failed DIRECT_FAILURES_MAX times in a row in this plan gets the tunnel."""
-        self.failures = count_failures(self.failures, plan_key, rpc_paths)
+        self.failures = count_failures(self.failures, plan_key, rpc_paths, llama_log_tail)
         self.direct.clear()
         self.wanted.set()
 

@@ -89,3 +89,13 @@ def test_the_allow_file_is_rewritten_only_when_it_changes(tmp_path):
     assert not write_allow_file(allow, ["h"])
     assert write_allow_file(allow, [])
     assert allow.read_text() == "" and not (tmp_path / "rpc-allow.tmp").exists()
+
+
+def test_a_worker_refusing_the_hosts_certificate_does_not_send_it_to_the_tunnel():
+    # Its allow file lags the plan; the tunnel would reach the same TLS rpc-server and be refused alike.
+    tail = "rpc-tls: recv failed: error:0A000410:SSL routines::sslv3 alert handshake failure | ggml-rpc.cpp:515"
+    failures = {}
+    for _ in range(DIRECT_FAILURES_MAX + 1):
+        failures = count_failures(failures, "k1", {"w": "direct TLS 10.0.0.2:5000"}, tail)
+    assert failures == {}
+    assert count_failures(failures, "k1", {"w": "direct TLS 10.0.0.2:5000"}, "other crash") == {("k1", "w"): 1}
