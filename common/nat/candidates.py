@@ -55,8 +55,13 @@ def through_relay(sending_relayed: bool, remote: Address, relay_addrs: set[Addre
     """A connection goes through a relay: ours (we send through our allocation), or a peer's (we
     reach the peer at one of `relay_addrs`, members' relayed addresses). One rule for meshd's mesh
     connections and gatewayd's QUIC lane (which punch and move while it holds)."""
-    host = remote[0][7:] if remote[0].startswith("::ffff:") else remote[0]
-    return sending_relayed or (host, int(remote[1])) in {(h, int(p)) for h, p in relay_addrs}
+    return sending_relayed or plain_address(remote) in {(h, int(p)) for h, p in relay_addrs}
+
+
+def plain_address(addr) -> Address:
+    """An address as candidates and checks name it: IPv4 without the dual-stack socket's ::ffff: prefix."""
+    host = str(addr[0])
+    return (host[7:] if host.startswith("::ffff:") else host), int(addr[1])
 
 
 def behind_nat(behaviour: str) -> bool:

@@ -19,7 +19,7 @@ from typing import Callable
 from common.identity import AuthError
 from common.messages import NatReport, StunServerState
 from common.nat import stun
-from common.nat.candidates import MOVE_USE_SOCKET, dial_order, home_network, plan_move
+from common.nat.candidates import MOVE_USE_SOCKET, dial_order, home_network, plain_address, plan_move
 from common.nat.transactions import answered_with_retransmits
 from common.quic import DatagramPath, PeerIdentityMismatch, QuicEndpoint, QuicPeerConnection
 
@@ -275,12 +275,6 @@ def _local_hosts(bound: str) -> set[str]:
         return {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
     except Exception:
         return set()
-
-
-def plain_address(addr) -> tuple[str, int]:
-    """An address as candidates and checks name it: IPv4 without the dual-stack socket's ::ffff: prefix."""
-    host = str(addr[0])
-    return (host[7:] if host.startswith("::ffff:") else host), int(addr[1])
 
 
 def follow_answered_check(conn: QuicPeerConnection, reach: EndpointReach, peer_relays: set,

@@ -15,8 +15,8 @@ import asyncio
 from typing import Callable
 
 from common.messages import Announcement, PeerPath
-from common.nat.candidates import behind_nat, gather, path_kind, socket_mappings, through_relay
-from common.nat.reach import EndpointReach, NatState, follow_answered_check, plain_address
+from common.nat.candidates import behind_nat, gather, path_kind, plain_address, socket_mappings, through_relay
+from common.nat.reach import EndpointReach, NatState, follow_answered_check
 from common.nat.turn import TurnAllocation
 from common.quic import QuicPeerConnection
 
