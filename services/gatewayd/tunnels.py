@@ -137,7 +137,8 @@ class TunnelService:
         self._tcp_listener = listener
         accept_on_loop(listener, self._accept_tls)
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
-                                  authorize=self._authorize_quic, on_connection=self._on_quic_connection)
+                                  authorize=self._authorize_quic, on_connection=self._on_quic_connection,
+                                  defer_acks=True)  # request/response: ACKs ride the replies
         await self._quic.start()
         self.reach = EndpointReach(self._quic)  # STUN + hole punching on the QUIC lane's socket
         await self.reach.discover(self.stun)
