@@ -345,7 +345,7 @@ class QuicPeerConnection:
                 for transport in list(self._drain_watch):
                     transport._on_sent()  # noqa: SLF001
         core = quic._core  # noqa: SLF001
-        if core is not None:
+        if core is not None and self._endpoint.defer_acks:  # what the next receive's may_defer_ack needs
             self._losses_seen = core.loss_total
             self._send_backlog = quic.get_send_buffer_size() > 0
         self._arm_timer()
