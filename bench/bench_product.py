@@ -11,7 +11,8 @@ same command line apart from `--rpc` and the speculation flags, same binaries, s
 Lanes: rpc-tls (the default: llama.cpp's own mutual TLS, pinned to node ids, straight to the worker's
 rpc-server, what the host uses where the worker's address connects), tcp (gatewayd's tunnel, TLS
 over TCP: the fallback), quic (gatewayd's QUIC lane), plain (direct TCP without TLS, the mesh's
-rpc-server otherwise: to tell TLS's cost from the rest).
+rpc-server otherwise: to tell TLS's cost from the rest). The tunnels carry llama.cpp's mutual TLS
+inside, end to end, as runnerd runs a tunnelled worker; tcp-plain and quic-plain carry plain RPC.
 
 Workloads on real text (bench/workloads.py): an agent-style edit that returns its input with one
 rename, and free text, greedy (temperature 0). At each RTT the three ways are up at once and take
@@ -60,6 +61,9 @@ CTX_SIZE = 4096
 LOOPBACK_RTT_MS = 0.1  # what meshd measures between two nodes on one machine
 MAX_TOKENS = {"edit": 256, "free": 96}
 QUICK_MAX_TOKENS = {"edit": 160, "free": 48}
+LANES = ("rpc-tls", "tcp", "quic", "plain", "tcp-plain", "quic-plain")
+TLS_LANES = ("rpc-tls", "tcp", "quic")
+TUNNEL_PATHS = {"tcp": "mesh", "quic": "mesh-quic", "tcp-plain": "mesh", "quic-plain": "mesh-quic"}
 
 
 @dataclass
@@ -109,7 +113,9 @@ class Setup:
         info = inspect_gguf(model)
         mesh = way != "stock"
         tls_env, tls_flags, pin = None, [], ""
-        if mesh and lane == "rpc-tls":
+        # The tunnel lanes carry llama.cpp's own mutual TLS inside, as runnerd runs a tunnelled worker
+        # ("tunnel, TLS inside": the patch writes each RPC message as one TLS record); *-plain: plain RPC inside.
+        if mesh and lane in TLS_LANES:
             host_id, worker_id = (NodeIdentity.load_or_create(log_dir / "identities" / n) for n in (HOST, WORKER))
             (allow := log_dir / "identities" / "rpc-allow").write_text(host_id.node_id + "\n")
             tls_flags = ["--tls-cert", str(worker_id.cert_path), "--tls-key", str(worker_id.key_path), "--tls-allow",
@@ -119,7 +125,7 @@ class Setup:
         worker = start_rpc_server(bins, log_dir, name=f"rpc-{way}-{rtt_ms:g}", threads=threads,
                                   gguf=model if mesh and bins.loads_local_weights else None, tls=tls_flags)
         stack.callback(worker.stop)
-        path = PATHS[{"tcp": "mesh", "quic": "mesh-quic"}.get(lane, "stock-direct") if mesh else "stock-direct"]
+        path = PATHS[TUNNEL_PATHS.get(lane, "stock-direct") if mesh else "stock-direct"]
         endpoints: Endpoints = stack.enter_context(path.open([worker.address], rtt_ms))
         plan = Plan(state="split", host=HOST, key="bench", members=[PlanMember(node_id=HOST, memory_bytes=1, ratio=0.5),
                                                                     PlanMember(node_id=WORKER, memory_bytes=1, ratio=0.5)])
@@ -312,11 +318,13 @@ def main(argv: list[str] | None = None) -> int:
                         "speculates, to try settings (e.g. \"--spec-ngram-mod-n-max 16\")")
     parser.add_argument("--server-extra", default="", help="more llama-server flags for all three ways alike "
                         "(the command line stays the same for stock and mesh), e.g. \"--poll 0\"")
-    parser.add_argument("--lane", choices=("rpc-tls", "tcp", "quic", "plain"), default="rpc-tls",
+    parser.add_argument("--lane", choices=LANES, default="rpc-tls",
                         help="the mesh's path: rpc-tls (llama.cpp's own mutual TLS, direct: the default between "
-                             "reachable nodes), tcp (the tunnel's TLS lane, the fallback), quic, or plain (direct "
-                             "TCP without TLS: what TLS itself costs, against rpc-tls)")
-    parser.add_argument("--off-lane", choices=("rpc-tls", "tcp", "quic", "plain"),
+                             "reachable nodes), tcp (the tunnel's TLS lane, the fallback), quic (its QUIC lane) — "
+                             "both tunnels with llama.cpp's TLS inside, as the product runs them; tcp-plain and "
+                             "quic-plain carry plain RPC inside instead; plain (direct TCP without TLS: what TLS "
+                             "itself costs, against rpc-tls)")
+    parser.add_argument("--off-lane", choices=LANES,
                         help="the mesh-off way's path instead (default: --lane); e.g. --off-lane tcp --speculation off "
                              "compares the tunnel with the direct path in one run")
     parser.add_argument("--bin-dir", type=Path)

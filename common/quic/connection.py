@@ -16,6 +16,7 @@ from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.packet import QuicErrorCode, stream_is_client_initiated
 
 from common.frames import FrameError, encode_frame, read_frame
+from common.quic.acks import may_defer_ack, timer_deadline
 from common.identity import AuthError
 from common.quic.auth import (answer_server, authorize_dialer, challenge_dialer, check_verdict, pinned_server_id,
                               verdict_frame)
@@ -77,6 +78,10 @@ class QuicPeerConnection:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._transmit_handle: asyncio.Handle | None = None
+        self._received_unacked = 0  # bytes received since we last sent (common.quic.acks)
+        self._ack_owed_since: float | None = None  # an ACK deferred since then (common.quic.acks)
+        self._send_backlog = False  # stream data left unsent by our last transmit (window or credit)
+        self._losses_seen = 0  # qh3's count of our packets lost, at our last transmit
         self._keepalive: asyncio.TimerHandle | None = None
         self._handshake_done: asyncio.Future[None] = self._loop.create_future()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -240,6 +245,7 @@ class QuicPeerConnection:
         """Queue one datagram; the endpoint's batch hands them to qh3 at once (`_after_receive`)."""
         self._last_received = now
         self.bytes_received += len(data)
+        self._received_unacked += len(data)
         self._note_source(addr, path)
         self._inbox.append(data)
 
@@ -248,6 +254,7 @@ class QuicPeerConnection:
         the last may be shorter): handed to qh3 whole, with no Python work per datagram."""
         self._last_received = now
         self.bytes_received += len(buffer)
+        self._received_unacked += len(buffer)
         self._note_source(addr, path)
         self._feed()
         self._quic.receive_gro_buffer(buffer, segment, self._last_addr, now)
@@ -292,10 +299,20 @@ class QuicPeerConnection:
     def _after_receive(self) -> None:
         self._feed()
         self._process_events()
+        if self._transmit_handle is not None or self._terminated:
+            return  # the application already answered: the ACK goes with it
+        core = self._quic._core  # noqa: SLF001
+        if self._endpoint.defer_acks and core is not None and may_defer_ack(
+                self.authenticated, self._received_unacked, send_backlog=self._send_backlog,
+                new_losses=core.loss_total != self._losses_seen):
+            # A small burst: its ACK waits for our next packet, within ACK_DEFER_S (common.quic.acks).
+            if self._ack_owed_since is None:
+                self._ack_owed_since = self._last_received
+            self._arm_timer()
+            return
         # Deferred by one loop step: a reply the application writes in that step (its reader's
         # task wakes up then) goes out in the same datagram, with the ACK, instead of two.
-        if self._transmit_handle is None and not self._terminated:
-            self._transmit_handle = self._loop.call_soon(self._transmit)
+        self._transmit_handle = self._loop.call_soon(self._transmit)
 
     def _schedule_transmit(self) -> None:
         if self._transmit_handle is None and not self._terminated:
@@ -309,6 +326,8 @@ class QuicPeerConnection:
         if self._terminated:
             return
         quic = self._quic
+        self._received_unacked = 0  # what qh3 sends now carries the ACK of it
+        self._ack_owed_since = None
         if self._credit_out:
             self._send_credit()
         datagrams = quic.datagrams_to_send(now=self._loop.time())
@@ -325,7 +344,20 @@ class QuicPeerConnection:
             if self._drain_watch:  # qh3 counts a stream's unsent bytes: what just left frees writers
                 for transport in list(self._drain_watch):
                     transport._on_sent()  # noqa: SLF001
-        timer_at = quic.get_timer()
+        core = quic._core  # noqa: SLF001
+        if core is not None and self._endpoint.defer_acks:  # what the next receive's may_defer_ack needs
+            self._losses_seen = core.loss_total
+            self._send_backlog = quic.get_send_buffer_size() > 0
+        self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        """Run qh3's next timer when it is due (its ACK timer later while an ACK is deferred)."""
+        core = self._quic._core  # noqa: SLF001 (the timer's kind is on the native core only)
+        if core is not None:
+            timer = core.get_timer()
+            timer_at = None if timer is None else timer_deadline(timer[0], timer[1], self._ack_owed_since)
+        else:
+            timer_at = self._quic.get_timer()
         if self._timer is not None and self._timer_at != timer_at:
             self._timer.cancel()
             self._timer = None

@@ -64,7 +64,7 @@ class QuicEndpoint:
                  authorize: Authorize = lambda node_id, claims, nonce: None,
                  on_connection: Callable[[QuicPeerConnection], Awaitable[None] | None] | None = None,
                  idle_timeout: float = 10.0, max_datagram_size: int | None = None,
-                 auth_timeout: float = 10.0, retry: bool = True):
+                 auth_timeout: float = 10.0, retry: bool = True, defer_acks: bool = False):
         self.identity = identity
         self.alpn = alpn
         self.host = host
@@ -74,6 +74,10 @@ class QuicEndpoint:
         self.idle_timeout = idle_timeout
         self.auth_timeout = min(auth_timeout, idle_timeout) if idle_timeout else auth_timeout
         self.max_datagram_size = max_datagram_size
+        # A small burst's ACK waits for the reply (common.quic.acks): for request/response traffic
+        # (the data lane). Off where the RTT qh3 measures matters (meshd reports it, and plans by it):
+        # qh3 counts the deferral into its RTT samples.
+        self.defer_acks = defer_acks
         self._keepalive_interval = max(idle_timeout / 4.0, 0.2)
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._sock: socket.socket | None = None

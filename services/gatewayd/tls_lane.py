@@ -13,7 +13,7 @@ from common.frames import FrameDecoder, FrameEOF, encode_frame
 from common.identity import AuthError, node_id_of_cert
 
 if TYPE_CHECKING:
-    from services.gatewayd.tunnels import _Splice
+    from services.gatewayd.splice import Splice
 
 HANDSHAKE_FRAME_MAX = 64 << 10
 READ_BYTES = 256 << 10        # one recv during tunnel setup
@@ -100,7 +100,7 @@ class TlsPump:
     sockets. Backpressure is the blocking send: at most one buffer per direction is held here.
     """
 
-    def __init__(self, splice: "_Splice", setup: TlsSetup, local: socket.socket):
+    def __init__(self, splice: "Splice", setup: TlsSetup, local: socket.socket):
         self.splice = splice
         self.stats = splice.stats
         self.loop = setup.loop

@@ -26,7 +26,6 @@ import inspect
 import logging
 import socket
 import ssl
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
@@ -40,8 +39,9 @@ from common.nat.turn import open_relays
 from common.quic.auth import answer_server, challenge_dialer
 from common.quic.retry import HandshakeSlots
 from services.gatewayd.sockets import (Target, accept_on_loop, announce_hosts, connect_local, describe_target,
-                                       race_tcp_connect, set_nodelay, stop_accepting)
-from services.gatewayd.tls_lane import HANDSHAKE_FRAME_MAX, TlsPump, TlsSetup
+                                       race_tcp_connect, stop_accepting)
+from services.gatewayd.splice import PeerStats, Splice
+from services.gatewayd.tls_lane import HANDSHAKE_FRAME_MAX, TlsSetup
 
 log = logging.getLogger("mesh.tunnels")
 
@@ -56,8 +56,6 @@ MAX_UNAUTHENTICATED = 64      # TLS-lane connections still proving themselves, a
 MAX_UNAUTHENTICATED_PER_SOURCE = 16
 TARGET_CONNECT_TIMEOUT = 5.0
 TCP_RETRY_AFTER = 60.0        # a peer that needed QUIC gets TCP tried again after this
-WRITE_HIGH_WATER = 1 << 20    # of the QUIC lane's splice
-WRITE_LOW_WATER = 256 << 10
 
 
 @dataclass
@@ -65,154 +63,6 @@ class PeerDataAddrs:
     node_id: str
     tcp: list[tuple[str, int]] = field(default_factory=list)
     quic: list[tuple[str, int]] = field(default_factory=list)
-
-
-@dataclass
-class _PeerStats:
-    lane: str = ""
-    bytes_in: int = 0       # received from the peer through tunnels
-    bytes_out: int = 0      # sent to the peer through tunnels
-    streams: int = 0        # tunnels open now, either direction
-    last_error: str = ""
-    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # pump threads count too
-
-
-# --- splicing ------------------------------------------------------------------------------------
-
-class _Splice:
-    """A local TCP connection joined to a tunnel: a TlsPump (TLS lane) or a transport (QUIC lane)."""
-
-    def __init__(self, service: "TunnelService", peer_id: str, stats: _PeerStats, forward_port: int | None):
-        self.service = service
-        self.peer_id = peer_id
-        self.stats = stats
-        self.forward_port = forward_port
-        self.kind = ""  # of a tunnel a peer opened to us: what it reaches here
-        self.local_sock: socket.socket | None = None  # the local connection until a lane takes it
-        self.local: asyncio.Transport | None = None
-        self.remote: asyncio.Transport | None = None
-        self.pump: TlsPump | None = None
-        self.local_side = _SpliceSide(self, is_remote=False)
-        self.remote_side = _SpliceSide(self, is_remote=True)
-        self.setup_task: asyncio.Task | None = None
-        self.closed = False
-        self.counted = False
-
-    def attach(self, remote: asyncio.Transport) -> None:
-        """Start copying: the local side was paused until now."""
-        assert self.local is not None
-        self.remote = remote
-        self.stats.streams += 1
-        self.counted = True
-        self.local_side.peer = remote
-        self.remote_side.peer = self.local
-        pending, self.local_side.pending = self.local_side.pending, []
-        for data in pending:
-            with self.stats.lock:
-                self.stats.bytes_out += len(data)
-            remote.write(data)
-        if self.local_side.eof and not self.remote.is_closing():
-            remote.write_eof()
-        if self.local_side.lost:
-            self.close(abort=True)
-            return
-        self.local.resume_reading()
-
-    def attach_pump(self, setup: TlsSetup) -> None:
-        """Start copying between the local socket and an authenticated TLS connection."""
-        assert self.local_sock is not None
-        local, self.local_sock = self.local_sock, None
-        self.pump = TlsPump(self, setup, local)
-        self.stats.streams += 1
-        self.counted = True
-        self.pump.start()
-
-    def pump_finished(self) -> None:
-        self.close(abort=False)  # both directions ended and the pump closed its sockets
-
-    def close(self, *, abort: bool) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.setup_task is not None and not self.setup_task.done():
-            self.setup_task.cancel()
-        if self.pump is not None:
-            self.pump.abort()  # nothing left to do when it is the pump that finished
-        if self.local_sock is not None:
-            self.local_sock.close()
-            self.local_sock = None
-        for transport in (self.local, self.remote):
-            if transport is not None:
-                transport.abort() if abort else transport.close()
-        if self.counted:
-            self.stats.streams -= 1
-            self.counted = False
-        self.service._splices.discard(self)
-
-
-class _SpliceSide(asyncio.Protocol):
-    """The protocol of one transport of a splice: what it receives is written to `peer`."""
-
-    __slots__ = ("splice", "is_remote", "peer", "eof", "lost", "pending")
-
-    def __init__(self, splice: _Splice, *, is_remote: bool):
-        self.splice = splice
-        self.is_remote = is_remote
-        self.peer: asyncio.Transport | None = None
-        self.eof = False
-        self.lost = False
-        self.pending: list[bytes] = []  # local bytes that raced ahead of the tunnel setup
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self.is_remote:
-            self.splice.local = transport  # type: ignore[assignment]
-            set_nodelay(transport.get_extra_info("socket"))
-            transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)  # type: ignore[attr-defined]
-            if self.peer is None:
-                transport.pause_reading()  # type: ignore[attr-defined]
-
-    def data_received(self, data: bytes) -> None:
-        peer = self.peer
-        if peer is None:
-            self.pending.append(data)
-            return
-        stats = self.splice.stats
-        with stats.lock:
-            if self.is_remote:
-                stats.bytes_in += len(data)
-            else:
-                stats.bytes_out += len(data)
-        peer.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer
-        if peer is not None:
-            other = self.splice.local_side if self.is_remote else self.splice.remote_side
-            if other.eof:
-                self.splice.close(abort=False)
-            elif not peer.is_closing():
-                peer.write_eof()
-        return True  # keep our transport open: the other direction may still be flowing
-
-    def pause_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.pause_reading()  # type: ignore[attr-defined]
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.splice.closed:
-            self.peer.resume_reading()  # type: ignore[attr-defined]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        splice = self.splice
-        if splice.peer_id and exc is not None:
-            splice.stats.last_error = f"{type(exc).__name__}: {exc}"
-        if self.peer is not None or self.is_remote:
-            splice.close(abort=exc is not None or not self.eof)
-        elif splice.setup_task is not None and not splice.setup_task.done():
-            splice.setup_task.cancel()  # the local client left before the tunnel was up
-            splice.close(abort=True)
 
 
 # --- the service ---------------------------------------------------------------------------------
@@ -241,14 +91,14 @@ class TunnelService:
         self.relays: list = []   # TURN allocations on the QUIC lane's socket
         self.relay_failures: list[tuple[str, str]] = []
         self.prefer = prefer
-        self._stats: dict[str, _PeerStats] = {}
+        self._stats: dict[str, PeerStats] = {}
         self._lane: dict[str, str] = {}
         self._tcp_failed_at: dict[str, float] = {}
         self._good_tcp_addr: dict[str, tuple[str, int]] = {}
         self._quic_connections: dict[str, QuicPeerConnection] = {}
         self._quic_dial_locks: dict[str, asyncio.Lock] = {}
         self._forwards: dict[int, socket.socket] = {}  # port -> its listening socket
-        self._splices: set[_Splice] = set()
+        self._splices: set[Splice] = set()
         self._tasks: set[asyncio.Task] = set()
         self._tcp_listener: socket.socket | None = None
         self._unauthenticated: HandshakeSlots[socket.socket] = HandshakeSlots(
@@ -287,7 +137,8 @@ class TunnelService:
         self._tcp_listener = listener
         accept_on_loop(listener, self._accept_tls)
         self._quic = QuicEndpoint(self.identity, alpn=QUIC_ALPN, host=self.bind_host, port=self.quic_port,
-                                  authorize=self._authorize_quic, on_connection=self._on_quic_connection)
+                                  authorize=self._authorize_quic, on_connection=self._on_quic_connection,
+                                  defer_acks=True)  # request/response: ACKs ride the replies
         await self._quic.start()
         self.reach = EndpointReach(self._quic)  # STUN + hole punching on the QUIC lane's socket
         await self.reach.discover(self.stun)
@@ -384,10 +235,10 @@ class TunnelService:
         """The lane that last carried a tunnel to this peer."""
         return self._lane.get(node_id)
 
-    def _peer_stats(self, node_id: str) -> _PeerStats:
+    def _peer_stats(self, node_id: str) -> PeerStats:
         stats = self._stats.get(node_id)
         if stats is None:
-            stats = self._stats[node_id] = _PeerStats()
+            stats = self._stats[node_id] = PeerStats()
         return stats
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
@@ -412,7 +263,7 @@ class TunnelService:
         port = listener.getsockname()[1]
 
         def new_local_connection(sock: socket.socket) -> None:
-            splice = _Splice(self, peer.node_id, self._peer_stats(peer.node_id), port)
+            splice = Splice(self, peer.node_id, self._peer_stats(peer.node_id), port)
             splice.local_sock = sock  # not read until the tunnel is up: the kernel buffers it
             self._splices.add(splice)
             splice.setup_task = self._spawn(self._connect_splice(splice, peer, kind))
@@ -438,7 +289,7 @@ class TunnelService:
             splice.close(abort=True)
         return len(stale)
 
-    async def _connect_splice(self, splice: _Splice, peer: PeerDataAddrs, kind: str) -> None:
+    async def _connect_splice(self, splice: Splice, peer: PeerDataAddrs, kind: str) -> None:
         try:
             await self._open_tunnel(splice, peer, kind)
         except asyncio.CancelledError:
@@ -464,7 +315,7 @@ class TunnelService:
             lanes.reverse()  # TCP failed recently: go straight to QUIC, TCP only as fallback
         return lanes
 
-    async def _open_tunnel(self, splice: _Splice, peer: PeerDataAddrs, kind: str) -> None:
+    async def _open_tunnel(self, splice: Splice, peer: PeerDataAddrs, kind: str) -> None:
         stats = splice.stats
         errors = []
         lanes = self._lane_order(peer)
@@ -497,7 +348,7 @@ class TunnelService:
             return
         raise ConnectionError(f"no lane reached {peer.node_id}: " + "; ".join(errors))
 
-    async def _open_tls_tunnel(self, splice: _Splice, peer: PeerDataAddrs, kind: str) -> None:
+    async def _open_tls_tunnel(self, splice: Splice, peer: PeerDataAddrs, kind: str) -> None:
         addrs = list(peer.tcp)
         good = self._good_tcp_addr.get(peer.node_id)
         if good in addrs:
@@ -562,7 +413,7 @@ class TunnelService:
         if current is None or current.is_closed:
             self._quic_connections[connection.peer_node_id] = connection
 
-    async def _open_quic_tunnel(self, splice: _Splice, peer: PeerDataAddrs, kind: str) -> None:
+    async def _open_quic_tunnel(self, splice: Splice, peer: PeerDataAddrs, kind: str) -> None:
         if splice.local_sock is not None:
             # The QUIC lane splices asyncio transports: the local one stays paused until attach
             # (connection_made). Cancelled meanwhile, asyncio closes it; splice.close cancels us.
@@ -606,7 +457,7 @@ class TunnelService:
             return f"no local service for tunnel kind {kind[:40]!r}", None
         return None, target
 
-    async def _connect_target(self, splice: _Splice, target: Target) -> None:
+    async def _connect_target(self, splice: Splice, target: Target) -> None:
         loop = asyncio.get_running_loop()
         # connection_made pauses reading until the tunnel is attached
         if isinstance(target, str):
@@ -636,7 +487,7 @@ class TunnelService:
 
     async def _serve_tls(self, sock: socket.socket) -> None:
         setup = TlsSetup(sock, self._server_tls, server_side=True)
-        splice: _Splice | None = None
+        splice: Splice | None = None
         try:
             verdict = await asyncio.wait_for(self._authenticate_tls_dialer(setup), SETUP_TIMEOUT)
             if verdict is None:
@@ -658,7 +509,7 @@ class TunnelService:
         stats.lane = LANE_TCP
         splice.attach_pump(setup)
 
-    async def _authenticate_tls_dialer(self, setup: TlsSetup) -> tuple[_Splice, _PeerStats] | None:
+    async def _authenticate_tls_dialer(self, setup: TlsSetup) -> tuple[Splice, PeerStats] | None:
         """Challenge the dialer, check the tunnel header, connect the target, send the verdict."""
         async def prove() -> tuple[str, dict]:
             await setup.handshake()
@@ -675,7 +526,7 @@ class TunnelService:
             setup.close()
             return None
         stats = self._peer_stats(dialer_id)
-        splice = _Splice(self, dialer_id, stats, None)
+        splice = Splice(self, dialer_id, stats, None)
         splice.kind = header["kind"]  # type: ignore[index]
         self._splices.add(splice)
         try:
@@ -728,7 +579,7 @@ class TunnelService:
             writer.close()
             return
         stats = self._peer_stats(dialer_id)
-        splice = _Splice(self, dialer_id, stats, None)
+        splice = Splice(self, dialer_id, stats, None)
         splice.kind = header["kind"]  # type: ignore[index]
         self._splices.add(splice)
         try:

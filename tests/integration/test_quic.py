@@ -251,15 +251,16 @@ def test_dial_to_a_closed_port_fails_fast(identities) -> None:
     asyncio.run(main())
 
 
-def test_ten_megabytes_echo_intact(identities) -> None:
+@pytest.mark.parametrize("defer_acks", [False, True], ids=["acks-at-once", "deferred-acks"])
+def test_ten_megabytes_echo_intact(identities, defer_acks: bool) -> None:
     a, b, _ = identities
 
     async def main():
         async def on_connection(connection: QuicPeerConnection) -> None:
             await asyncio.sleep(0.05)  # an async on_connection; streams wait for its on_stream
             serve_echo(connection)
-        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1")
-        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1", on_connection=on_connection)
+        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1", defer_acks=defer_acks)
+        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1", defer_acks=defer_acks, on_connection=on_connection)
         await ea.start()
         connection = await ea.dial(await eb.start(), expected_node_id=b.node_id)
         payload = os.urandom(10 << 20)
@@ -281,15 +282,16 @@ def test_ten_megabytes_echo_intact(identities) -> None:
     asyncio.run(main())
 
 
-def test_writer_backpressure_and_receive_window(identities) -> None:
+@pytest.mark.parametrize("defer_acks", [False, True], ids=["acks-at-once", "deferred-acks"])
+def test_writer_backpressure_and_receive_window(identities, defer_acks: bool) -> None:
     """A peer that does not read stalls the writer's drain() within bounded buffers; once it
     reads, everything arrives."""
     a, b, _ = identities
 
     async def main():
         incoming: asyncio.Queue = asyncio.Queue()
-        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1")
-        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1",
+        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1", defer_acks=defer_acks)
+        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1", defer_acks=defer_acks,
                           on_connection=lambda c: setattr(c, "on_stream", lambda r, w: incoming.put_nowait((r, w))))
         await ea.start()
         connection = await ea.dial(await eb.start(), expected_node_id=b.node_id)
@@ -488,3 +490,87 @@ async def _peer_main(home: str, idle_timeout: float) -> None:
 
 if __name__ == "__main__" and len(sys.argv) >= 3 and sys.argv[1] == "peer":
     asyncio.run(_peer_main(sys.argv[2], float(sys.argv[3]) if len(sys.argv) > 3 else 10.0))
+
+
+class _LossyRelay(asyncio.DatagramProtocol):
+    """A UDP relay between one dialer and `target` that can drop every `drop_every`-th datagram
+    each way, and counts the ACK-only datagrams (short-header packets too small to carry data)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.client: tuple | None = None
+        self.drop_every = 0
+        self.seen = 0
+        self.dropped = 0
+        self.ack_only = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        to = self.target if addr != self.target else self.client
+        if addr != self.target:
+            self.client = addr
+        if to is None:
+            return
+        self.seen += 1
+        if not data[0] & 0x80 and len(data) < 60:
+            self.ack_only += 1
+        if self.drop_every and self.seen % self.drop_every == 0:
+            self.dropped += 1
+            return
+        self.transport.sendto(data, to)
+
+
+def test_deferred_acks_ride_the_replies_and_losses_are_still_recovered(identities) -> None:
+    """With defer_acks (the data lane), a request's ACK goes out with its reply instead of alone;
+    with every 7th datagram lost each way, requests and a bulk echo still complete intact."""
+    a, b, _ = identities
+    request, reply = os.urandom(9_700), os.urandom(2_500)  # a decode token's RPC exchange
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            kind = await reader.readexactly(1)
+            if kind == b"q":
+                await reader.readexactly(len(request) - 1)
+                await asyncio.sleep(0.003)  # the worker computes
+                writer.write(reply)
+            else:  # a bulk echo of the given size
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                writer.write(await reader.readexactly(size))
+            await writer.drain()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ea = QuicEndpoint(a, alpn=ALPN, host="127.0.0.1", defer_acks=True)
+        eb = QuicEndpoint(b, alpn=ALPN, host="127.0.0.1", defer_acks=True,
+                          on_connection=lambda c: setattr(c, "on_stream", serve))
+        await ea.start()
+        target = await eb.start()
+        transport, relay = await loop.create_datagram_endpoint(lambda: _LossyRelay(target), local_addr=("127.0.0.1", 0))
+        connection = await ea.dial(transport.get_extra_info("sockname")[:2], expected_node_id=b.node_id)
+        reader, writer = await connection.open_stream()
+
+        async def exchanges(n: int) -> None:
+            for _ in range(n):
+                writer.write(b"q" + request[1:])
+                assert await asyncio.wait_for(reader.readexactly(len(reply)), 5) == reply
+        await exchanges(3)
+        before = relay.ack_only
+        await exchanges(20)
+        # without deferral each exchange costs two ACK-only datagrams (40); a busy loop may miss a few
+        assert relay.ack_only - before < 10, relay.ack_only - before
+
+        relay.drop_every = 7
+        await exchanges(30)
+        payload = os.urandom(2 << 20)
+        writer.write(b"e" + len(payload).to_bytes(4, "big") + payload)
+        echoed = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
+        assert hashlib.sha256(echoed).digest() == hashlib.sha256(payload).digest()
+        assert relay.dropped > 100 and connection._quic._core.loss_total > 0  # noqa: SLF001
+        writer.close()
+        transport.close()
+        await ea.close()
+        await eb.close()
+    asyncio.run(main())
