@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.gpu.prepare import build_module
+from common.binaries import Binaries
 from common.identity import NodeIdentity
 from tests.support.llama_procs import start_rpc_server
 
@@ -51,12 +52,6 @@ def build(variant: Path | None) -> Path:
     return src / "build" / "bin"
 
 
-class _Bins:
-    def __init__(self, bin_dir: Path):
-        self.rpc_server = bin_dir / "ggml-rpc-server"
-        self.loads_local_weights = True
-
-
 def llama_bench(bin_dir: Path, model: Path, endpoint: str, env: dict, reps: int, prompts: str) -> list[dict]:
     args = [str(bin_dir / "llama-bench"), "-m", str(model), "-ngl", "99", "--rpc", endpoint, "-ts", "1/1",
             "-p", prompts, "-n", "64", "-r", str(reps), "-o", "json"]
@@ -82,7 +77,8 @@ def main() -> None:
     host, worker = (NodeIdentity.load_or_create(WORK / "ids" / n) for n in ("host", "worker"))
     (allow := WORK / "ids" / "allow").write_text(host.node_id + "\n")
     tls_flags = ["--tls-cert", str(worker.cert_path), "--tls-key", str(worker.key_path), "--tls-allow", str(allow)]
-    bins = _Bins(bin_dir)
+    bins = Binaries(rpc_server=bin_dir / "ggml-rpc-server", llama_server=bin_dir / "llama-server",
+                    loads_local_weights=True, backend="cuda", rpc_tls=True)
     plain = start_rpc_server(bins, logs, name="rpc-plain", gguf=args.model)
     tls = start_rpc_server(bins, logs, name="rpc-tls", gguf=args.model, tls=tls_flags)
     ways = {"plain": (f"127.0.0.1:{plain.address[1]}", dict(os.environ)),
