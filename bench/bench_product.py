@@ -385,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     where = "GPU: " + machine["gpus"][0] if machine["gpus"] else f"{os.cpu_count()}-core CPU"
     plotted = bool(cells) and plot(cells, args.out_dir / f"{args.name}.png",
-                                   f"product layout, host + 1 worker, {where}: stock vs mesh (speculation off / auto)")
+                                   f"product layout, host + 1 worker, {where}: stock vs mesh-off ({args.off_lane}, "
+                                   f"speculation off) and mesh ({args.lane}, speculation {args.speculation})")
     print(f"wrote {args.out_dir / (args.name + '.json')}" + (" and .png" if plotted else ""))
     return 0 if samples and not errors else 1
 
